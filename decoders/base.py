@@ -1,0 +1,218 @@
+"""The decoder contract shared by every decoding method.
+
+A decoder turns a prompt ``input_ids`` of shape ``(1, n)`` into new tokens and
+reports, for every target verification forward ("step"), how many tokens it
+drafted and how many of those the target accepted. Everything else in the
+project (the profiler, lm-eval adapter, reports) relies only on this contract.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel
+
+from decoders import kv
+
+EosIds = int | Sequence[int] | None
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What happened in one target verification forward.
+
+    Attributes:
+        drafted: tokens proposed by the draft model in this step (0 for sampling).
+        accepted: drafted tokens the target kept (a prefix of the drafted block).
+        committed: tokens appended to the output in this step. Normally
+            ``accepted + 1``; smaller only when EOS or ``max_new_tokens`` cut the step.
+    """
+
+    drafted: int
+    accepted: int
+    committed: int
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    """Result of one ``Decoder.generate`` call.
+
+    Attributes:
+        tokens: 1-D LongTensor (on CPU) of the new tokens only.
+        steps: one ``StepRecord`` per target verification forward.
+        target_forwards: number of target model forward calls.
+        draft_forwards: number of draft model forward calls (batched beams count once).
+    """
+
+    tokens: torch.Tensor
+    steps: tuple[StepRecord, ...]
+    target_forwards: int
+    draft_forwards: int = 0
+
+    @property
+    def mean_accepted(self) -> float:
+        """Mean number of drafted tokens accepted per step (0.0 without steps)."""
+        return sum(s.accepted for s in self.steps) / len(self.steps) if self.steps else 0.0
+
+
+StepCallback = Callable[[StepRecord], None]
+
+
+@dataclass
+class _Progress:
+    """Mutable bookkeeping of one generation: the committed tokens and counters."""
+
+    max_new_tokens: int
+    eos_ids: frozenset[int]
+    on_step: StepCallback | None
+    tokens: list[int] = field(default_factory=list)
+    steps: list[StepRecord] = field(default_factory=list)
+    finished: bool = False
+
+    @property
+    def remaining(self) -> int:
+        return self.max_new_tokens - len(self.tokens)
+
+    def commit(self, new_tokens: Sequence[int], drafted: int, accepted: int) -> int:
+        """Append a step's tokens, cut at EOS (kept) and at ``max_new_tokens``.
+
+        Returns the number of tokens actually committed.
+        """
+        kept: list[int] = []
+        for tok in new_tokens[: self.remaining]:
+            kept.append(tok)
+            if tok in self.eos_ids:
+                self.finished = True
+                break
+        self.tokens.extend(kept)
+        if self.remaining <= 0:
+            self.finished = True
+        record = StepRecord(drafted=drafted, accepted=accepted, committed=len(kept))
+        self.steps.append(record)
+        if self.on_step is not None:
+            self.on_step(record)
+        return len(kept)
+
+
+def _eos_set(eos_token_id: EosIds) -> frozenset[int]:
+    if eos_token_id is None:
+        return frozenset()
+    if isinstance(eos_token_id, int):
+        return frozenset({eos_token_id})
+    return frozenset(int(t) for t in eos_token_id)
+
+
+def _check_number(name: str, value: object, kind: type) -> None:
+    # bool is an int subclass; "gamma=True" is almost certainly a mistake.
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    if kind is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if not ok:
+        raise TypeError(f"{name} must be {kind.__name__}, got {type(value).__name__} ({value!r})")
+
+
+class Decoder(abc.ABC):
+    """Base class: holds the sampling filter parameters and validates inputs.
+
+    Subclasses implement ``_generate``. ``temperature`` 0 means greedy (argmax);
+    ``top_k`` 0 and ``top_p`` 1.0 switch those filters off.
+    """
+
+    name: str = ""
+    needs_draft: bool = False
+
+    def __init__(
+        self,
+        target: PreTrainedModel,
+        draft: PreTrainedModel | None = None,
+        *,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+    ) -> None:
+        _check_number("temperature", temperature, float)
+        _check_number("top_k", top_k, int)
+        _check_number("top_p", top_p, float)
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+        if top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 switches it off), got {top_k}")
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (1.0 switches it off), got {top_p}")
+        if self.needs_draft and draft is None:
+            raise ValueError(f"decoder {self.name!r} needs a draft model: pass draft=...")
+        if not self.needs_draft and draft is not None:
+            raise ValueError(f"decoder {self.name!r} takes no draft model; drop draft=...")
+        if draft is not None:
+            t_vocab, d_vocab = kv.vocab_size(target), kv.vocab_size(draft)
+            if t_vocab != d_vocab:
+                raise ValueError(
+                    f"draft vocabulary size {d_vocab} differs from target vocabulary size "
+                    f"{t_vocab}; the draft must share the target's tokenizer"
+                )
+        self.target = target
+        self.draft = draft
+        self.temperature = float(temperature)
+        self.top_k = int(top_k)
+        self.top_p = float(top_p)
+
+    @property
+    def params(self) -> dict[str, object]:
+        """The decoder's parameters, as passed to ``get_decoder`` (JSON-friendly)."""
+        return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        generator: torch.Generator | None = None,
+        eos_token_id: EosIds = None,
+        on_step: StepCallback | None = None,
+    ) -> GenerationOutput:
+        """Generate up to ``max_new_tokens`` tokens after ``input_ids``.
+
+        Args:
+            input_ids: LongTensor of shape ``(1, n)``, n >= 1, on the target's device.
+            max_new_tokens: upper bound on new tokens (>= 1).
+            generator: the only source of randomness; ``None`` uses a fresh,
+                unseeded generator (non-reproducible).
+            eos_token_id: token id(s) that end generation; the EOS token is kept.
+            on_step: called after each step with its ``StepRecord`` (e.g. to time
+                the first token); it must not modify the decoder.
+
+        Returns:
+            ``GenerationOutput`` with the new tokens on CPU and one record per step.
+        """
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype != torch.long:
+            raise TypeError("input_ids must be a torch.LongTensor of shape (1, n)")
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 1:
+            raise ValueError(
+                f"input_ids must have shape (1, n) with n >= 1 (batch size 1), got {tuple(input_ids.shape)}"
+            )
+        _check_number("max_new_tokens", max_new_tokens, int)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if generator is None:
+            generator = torch.Generator()
+            generator.seed()
+        progress = _Progress(max_new_tokens, _eos_set(eos_token_id), on_step)
+        counts = self._generate(input_ids.to(kv.device_of(self.target)), progress, generator)
+        return GenerationOutput(
+            tokens=torch.tensor(progress.tokens, dtype=torch.long),
+            steps=tuple(progress.steps),
+            target_forwards=counts[0],
+            draft_forwards=counts[1],
+        )
+
+    @abc.abstractmethod
+    def _generate(
+        self, input_ids: torch.Tensor, progress: _Progress, generator: torch.Generator
+    ) -> tuple[int, int]:
+        """Run the decode loop, committing through ``progress``.
+
+        Returns ``(target_forwards, draft_forwards)``.
+        """

@@ -1,0 +1,82 @@
+"""A model plus its KV cache: the only way decoders call a model.
+
+Wrapping transformers' ``DynamicCache`` in one small class keeps the cache
+bookkeeping (crop on rejection, beam reorder) in one place and counts forwards.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+
+def device_of(model: PreTrainedModel) -> torch.device:
+    """Device of the model's input embeddings (where input ids must live)."""
+    return model.get_input_embeddings().weight.device
+
+
+def vocab_size(model: PreTrainedModel) -> int:
+    """Width of the model's logits (the output head), which is what must match."""
+    head = model.get_output_embeddings()
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    return int(model.config.vocab_size)
+
+
+class CachedModel:
+    """A causal LM with a reusable KV cache holding a prefix of the sequence.
+
+    The cache always holds the first ``length`` tokens that were fed; callers feed
+    only the tokens after that, so no forward ever re-reads the whole prefix.
+    """
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model = model
+        self.cache = DynamicCache(config=model.config)
+        self.forwards = 0
+        # transformers renamed ``past_key_values`` to ``cache`` in late 5.x; use
+        # whichever this model's forward takes so both old and new releases work.
+        params = inspect.signature(model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+
+    @property
+    def length(self) -> int:
+        """Number of tokens currently held in the cache."""
+        return self.cache.get_seq_length()
+
+    def __call__(self, tokens: torch.Tensor, keep: int | None = None) -> torch.Tensor:
+        """Feed ``tokens`` of shape ``(batch, n)`` after the cached prefix.
+
+        Args:
+            tokens: LongTensor ``(batch, n)``; every row continues its cached row.
+            keep: return logits for the last ``keep`` positions only (all if None);
+                skipping the head on a long prompt saves memory and time.
+
+        Returns:
+            float32 logits of shape ``(batch, keep or n, vocab)``.
+        """
+        n_keep = tokens.shape[1] if keep is None else keep
+        kwargs = {self._cache_kwarg: self.cache}
+        out = self.model(input_ids=tokens, use_cache=True, logits_to_keep=n_keep, **kwargs)
+        self.forwards += 1
+        return out.logits[:, -n_keep:].float()
+
+    def crop(self, length: int) -> None:
+        """Drop cached positions from ``length`` on (rejected draft tokens)."""
+        extra = self.length - length
+        if extra < 0:
+            raise ValueError(f"cannot crop a cache of {self.length} tokens to {length}")
+        # A negative argument means "remove this many" in every transformers 5.x
+        # release, while a positive one changed meaning; crop(0) would empty it.
+        if extra:
+            self.cache.crop(-extra)
+
+    def repeat(self, times: int) -> None:
+        """Repeat each cached row ``times`` times (one row per beam)."""
+        self.cache.batch_repeat_interleave(times)
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep cache rows ``rows`` in that order (beam reorder or selection)."""
+        self.cache.reorder_cache(rows)

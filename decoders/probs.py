@@ -1,0 +1,71 @@
+"""Next-token distributions and sampling, shared by all decoders.
+
+Every decoder filters logits the same way (temperature, then top-k, then top-p,
+then renormalise) so that ``p_i`` and ``q_i`` in the algorithms are comparable.
+Sampling uses the exponential race (``argmax p / E`` with ``E ~ Exp(1)``), which
+draws exactly from ``p`` without a host synchronisation, and whose top-k gives
+sampling without replacement.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def filtered_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Turn logits ``(..., V)`` into filtered probabilities ``(..., V)`` (float32).
+
+    Temperature 0 gives a one-hot distribution on the argmax.
+    """
+    logits = logits.float()
+    if temperature == 0:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    logits = logits / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        # Drop a token once the mass before it already reaches top_p; the most
+        # likely token is always kept.
+        drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def _exponential(shape: torch.Size, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    # Draw on the generator's device so a CPU generator also drives CUDA decoding.
+    e = torch.empty(shape, device=generator.device).exponential_(generator=generator)
+    return e.clamp_min_(torch.finfo(e.dtype).tiny).to(device, non_blocking=True)
+
+
+def uniform(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """``U(0, 1)`` samples of ``shape`` on ``device``, drawn from ``generator``."""
+    return torch.rand(shape, generator=generator, device=generator.device).to(device, non_blocking=True)
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token per row of ``probs`` ``(..., V)``; returns LongTensor ``(...)``."""
+    return (probs / _exponential(probs.shape, generator, probs.device)).argmax(-1)
+
+
+def sample_many(probs: torch.Tensor, n: int, replacement: bool, generator: torch.Generator) -> torch.Tensor:
+    """``n`` indices from a 1-D distribution ``probs`` ``(V,)``.
+
+    Without replacement this is the Gumbel-top-k trick; if fewer than ``n``
+    entries are positive, the remaining picks are zero-probability indices,
+    which callers must treat as dead (weight 0).
+    """
+    if replacement:
+        race = probs.unsqueeze(0) / _exponential(torch.Size((n, probs.shape[-1])), generator, probs.device)
+        return race.argmax(-1)
+    race = probs / _exponential(probs.shape, generator, probs.device)
+    return torch.topk(race, n, dim=-1).indices
+
+
+def log_probs_of(probs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``log probs[..., tokens]`` (``-inf`` where the probability is zero)."""
+    return probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).log()

@@ -1,0 +1,100 @@
+"""``specdecode``: exact speculative sampling (Leviathan et al. 2023; Chen et al. 2023).
+
+The output distribution equals plain sampling from the target's filtered
+distribution; at temperature 0 the output equals greedy ``sampling``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from decoders import probs as P
+from decoders.base import Decoder, _Progress
+from decoders.kv import CachedModel
+
+
+def speculative_accept(
+    p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, uniforms: torch.Tensor
+) -> tuple[int, torch.Tensor]:
+    """The accept/resample rule of speculative sampling.
+
+    Args:
+        p: target probabilities ``(g + 1, V)`` at the g draft positions plus one.
+        q: draft probabilities ``(g, V)`` the drafts were drawn from.
+        drafts: drafted tokens ``(g,)``.
+        uniforms: ``U(0, 1)`` draws ``(g,)``.
+
+    Returns:
+        ``(n, dist)``: the number of accepted drafts and the distribution the
+        extra token must be drawn from (residual ``norm(max(0, p - q))`` after a
+        rejection, ``p_{g+1}`` when all were accepted).
+    """
+    g = drafts.shape[0]
+    idx = torch.arange(g, device=drafts.device)
+    # Accept x_j while r_j < p_j(x_j) / q_j(x_j), written without the division.
+    # Strict: with r in [0, 1) a token the target gives probability 0 is never
+    # accepted, which keeps temperature 0 exactly greedy.
+    accept = uniforms * q[idx, drafts] < p[idx, drafts]
+    n = int(torch.cumprod(accept.int(), 0).sum())  # one host sync per step
+    if n == g:
+        return n, p[g]
+    residual = (p[n] - q[n]).clamp_min(0)
+    total = residual.sum()
+    # p == q up to rounding makes a rejection (almost) impossible and the residual
+    # empty; falling back to p is then the exact distribution.
+    return n, residual / total if total > 0 else p[n]
+
+
+class SpeculativeDecoder(Decoder):
+    """Draft ``gamma`` tokens with the draft model, verify them in one target forward."""
+
+    name = "specdecode"
+    needs_draft = True
+
+    def __init__(self, target, draft=None, *, gamma: int = 4, **filters) -> None:
+        super().__init__(target, draft, **filters)
+        if not isinstance(gamma, int) or isinstance(gamma, bool):
+            raise TypeError(f"gamma must be int, got {type(gamma).__name__} ({gamma!r})")
+        if gamma < 1:
+            raise ValueError(f"gamma must be >= 1, got {gamma}")
+        self.gamma = gamma
+
+    @property
+    def params(self) -> dict[str, object]:
+        return {**super().params, "gamma": self.gamma}
+
+    def _generate(self, input_ids: torch.Tensor, progress: _Progress, generator: torch.Generator) -> tuple[int, int]:
+        target, draft = CachedModel(self.target), CachedModel(self.draft)
+        device = input_ids.device
+        seq = input_ids[0]  # prompt + committed tokens
+        filt = (self.temperature, self.top_k, self.top_p)
+        while not progress.finished:
+            # Never draft past max_new_tokens: the step's extra token needs a slot.
+            g = min(self.gamma, progress.remaining - 1)
+            # 1. Draft g tokens one by one, x_j ~ q_j.
+            drafts, q = [], []
+            pending = seq[draft.length :]
+            for _ in range(g):
+                q_j = P.filtered_probs(draft(pending.view(1, -1), keep=1)[0, -1], *filt)
+                x_j = P.sample(q_j, generator)
+                drafts.append(x_j)
+                q.append(q_j)
+                pending = x_j.view(1)
+            drafts_t = torch.stack(drafts) if drafts else seq.new_empty(0)
+            # 2. One target forward over the unseen tail plus the drafts: p_1..p_{g+1}.
+            tail = torch.cat([seq[target.length :], drafts_t])
+            p = P.filtered_probs(target(tail.view(1, -1), keep=g + 1)[0], *filt)
+            # 3-4. Accept a prefix, then draw the extra token.
+            if g:
+                n, dist = speculative_accept(p, torch.stack(q), drafts_t, P.uniform((g,), generator, device))
+            else:
+                n, dist = 0, p[0]
+            extra = P.sample(dist, generator)
+            new = torch.cat([drafts_t[:n], extra.view(1)])
+            progress.commit(new.tolist(), drafted=g, accepted=n)
+            # 5. Crop both caches to the committed prefix (the extra token is fed next step).
+            old_len = seq.shape[0]
+            seq = torch.cat([seq, new])
+            target.crop(old_len + n)
+            draft.crop(min(draft.length, old_len + n))
+        return target.forwards, draft.forwards
