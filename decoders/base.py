@@ -105,24 +105,49 @@ def _eos_set(eos_token_id: EosIds) -> frozenset[int]:
     return frozenset(int(t) for t in eos_token_id)
 
 
-def _check_number(name: str, value: object, kind: type) -> None:
-    # bool is an int subclass; "gamma=True" is almost certainly a mistake.
-    ok = isinstance(value, kind) and not isinstance(value, bool)
-    if kind is float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-    if not ok:
-        raise TypeError(f"{name} must be {kind.__name__}, got {type(value).__name__} ({value!r})")
+def check_int(name: str, value: object, minimum: int, hint: str = "") -> None:
+    """Raise unless ``value`` is an int (not bool) >= ``minimum``."""
+    # bool is an int subclass; "gamma: true" in a YAML profile is a mistake.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}{hint}, got {value}")
+
+
+def check_float(name: str, value: object) -> float:
+    """Raise unless ``value`` is a real number; return it as float."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} ({value!r})")
+    return float(value)
 
 
 class Decoder(abc.ABC):
     """Base class: holds the sampling filter parameters and validates inputs.
 
-    Subclasses implement ``_generate``. ``temperature`` 0 means greedy (argmax);
-    ``top_k`` 0 and ``top_p`` 1.0 switch those filters off.
+    Subclasses implement ``_generate`` and extend ``check_param`` for their own
+    parameters. ``temperature`` 0 means greedy (argmax); ``top_k`` 0 and
+    ``top_p`` 1.0 switch those filters off.
     """
 
     name: str = ""
     needs_draft: bool = False
+
+    @classmethod
+    def check_param(cls, name: str, value: object) -> None:
+        """Raise ``TypeError``/``ValueError`` if ``value`` is bad for parameter ``name``.
+
+        Usable without models, so profiles are validated before anything loads.
+        """
+        if name == "temperature":
+            if check_float(name, value) < 0:
+                raise ValueError(f"temperature must be >= 0 (0 means greedy), got {value}")
+        elif name == "top_k":
+            check_int(name, value, 0, " (0 switches it off)")
+        elif name == "top_p":
+            if not 0.0 < check_float(name, value) <= 1.0:
+                raise ValueError(f"top_p must be in (0, 1] (1.0 switches it off), got {value}")
+        else:
+            raise TypeError(f"decoder {cls.name!r} takes no parameter {name!r}")
 
     def __init__(
         self,
@@ -133,15 +158,8 @@ class Decoder(abc.ABC):
         top_k: int = 0,
         top_p: float = 1.0,
     ) -> None:
-        _check_number("temperature", temperature, float)
-        _check_number("top_k", top_k, int)
-        _check_number("top_p", top_p, float)
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
-        if top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 switches it off), got {top_k}")
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1] (1.0 switches it off), got {top_p}")
+        for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p)):
+            self.check_param(name, value)
         if self.needs_draft and draft is None:
             raise ValueError(f"decoder {self.name!r} needs a draft model: pass draft=...")
         if not self.needs_draft and draft is not None:
@@ -193,9 +211,7 @@ class Decoder(abc.ABC):
             raise ValueError(
                 f"input_ids must have shape (1, n) with n >= 1 (batch size 1), got {tuple(input_ids.shape)}"
             )
-        _check_number("max_new_tokens", max_new_tokens, int)
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        check_int("max_new_tokens", max_new_tokens, 1)
         if generator is None:
             generator = torch.Generator()
             generator.seed()

@@ -13,7 +13,7 @@ import math
 import torch
 
 from decoders import probs as P
-from decoders.base import Decoder, _Progress
+from decoders.base import Decoder, _Progress, check_float, check_int
 from decoders.kv import CachedModel
 
 
@@ -55,21 +55,26 @@ class MTADDecoder(Decoder):
         top_p: float = 0.9,
     ) -> None:
         super().__init__(target, draft, temperature=temperature, top_k=top_k, top_p=top_p)
-        for name, value in (("gamma", gamma), ("beam_width", beam_width)):
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise TypeError(f"{name} must be int, got {type(value).__name__} ({value!r})")
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if not isinstance(accept_thres, int | float) or isinstance(accept_thres, bool):
-            raise TypeError(f"accept_thres must be a number, got {type(accept_thres).__name__}")
-        if not accept_thres > 0:
-            raise ValueError(f"accept_thres must be > 0 (the paper uses 0.5), got {accept_thres}")
-        if not isinstance(replacement, bool):
-            raise TypeError(f"replacement must be bool, got {type(replacement).__name__}")
+        for name, value in (("gamma", gamma), ("beam_width", beam_width), ("accept_thres", accept_thres),
+                            ("replacement", replacement)):
+            self.check_param(name, value)
         self.gamma = gamma
         self.beam_width = beam_width
         self.accept_thres = float(accept_thres)
         self.replacement = replacement
+
+    @classmethod
+    def check_param(cls, name: str, value: object) -> None:
+        if name in ("gamma", "beam_width"):
+            check_int(name, value, 1)
+        elif name == "accept_thres":
+            if not check_float(name, value) > 0:
+                raise ValueError(f"accept_thres must be > 0 (the paper uses 0.5), got {value}")
+        elif name == "replacement":
+            if not isinstance(value, bool):
+                raise TypeError(f"replacement must be true or false, got {type(value).__name__} ({value!r})")
+        else:
+            super().check_param(name, value)
 
     @property
     def params(self) -> dict[str, object]:

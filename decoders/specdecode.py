@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from decoders import probs as P
-from decoders.base import Decoder, _Progress
+from decoders.base import Decoder, _Progress, check_int
 from decoders.kv import CachedModel
 
 
@@ -51,12 +51,16 @@ class SpeculativeDecoder(Decoder):
     name = "specdecode"
     needs_draft = True
 
+    @classmethod
+    def check_param(cls, name: str, value: object) -> None:
+        if name == "gamma":
+            check_int(name, value, 1)
+        else:
+            super().check_param(name, value)
+
     def __init__(self, target, draft=None, *, gamma: int = 4, **filters) -> None:
         super().__init__(target, draft, **filters)
-        if not isinstance(gamma, int) or isinstance(gamma, bool):
-            raise TypeError(f"gamma must be int, got {type(gamma).__name__} ({gamma!r})")
-        if gamma < 1:
-            raise ValueError(f"gamma must be >= 1, got {gamma}")
+        self.check_param("gamma", gamma)
         self.gamma = gamma
 
     @property

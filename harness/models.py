@@ -90,7 +90,8 @@ def resolve_spec(spec: str) -> ResolvedSpec:
     if spec.startswith("builtin:"):
         name = spec.removeprefix("builtin:")
         if name not in BUILTIN_MODELS:
-            raise ValueError(f"unknown built-in model {spec!r}; known: {', '.join('builtin:' + n for n in BUILTIN_MODELS)}")
+            known = ", ".join("builtin:" + n for n in BUILTIN_MODELS)
+            raise ValueError(f"unknown built-in model {spec!r}; known: {known}")
         return BUILTIN_MODELS[name]()
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):

@@ -152,8 +152,9 @@ def test_sampling_refuses_a_draft(tiny):
 
 @pytest.mark.parametrize("name", ["specdecode", "mtad"])
 def test_vocabulary_mismatch(tiny, name):
-    other = random_llama(tiny.target.config.vocab_size + 3, seed=0)
-    with pytest.raises(ValueError, match=rf"draft vocabulary size {tiny.target.config.vocab_size + 3}.*target vocabulary size {tiny.target.config.vocab_size}"):
+    vocab = tiny.target.config.vocab_size
+    other = random_llama(vocab + 3, seed=0)
+    with pytest.raises(ValueError, match=rf"draft vocabulary size {vocab + 3}.*target vocabulary size {vocab}"):
         get_decoder(name, target=tiny.target, draft=other)
 
 

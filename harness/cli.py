@@ -1,0 +1,79 @@
+"""The ``harness`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+
+
+def _stdout_console() -> Console:
+    # Rich assumes 80 columns when piped (CI logs, tests); tables need more.
+    return Console() if sys.stdout.isatty() else Console(width=140)
+
+
+def _err_console() -> Console:
+    return Console(stderr=True, soft_wrap=True, highlight=False)
+
+
+def _quiet_transformers() -> None:
+    # Loading bars from transformers would interleave with the run's own bar.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from harness.energy import EnergyUnavailableError
+    from harness.profile_spec import ProfileError, load_profile
+    from harness.runner import RunDirError, default_run_dir, run_profile
+
+    console = _err_console()
+    try:
+        profile = load_profile(args.profile, args.set)
+    except ProfileError as err:
+        console.print(f"[red]error:[/red] {escape(str(err))}")
+        return 2
+    run_dir = Path(args.output) if args.output else default_run_dir(profile)
+    _quiet_transformers()
+    try:
+        run_profile(profile, run_dir, energy=args.energy, resume=args.resume, show_progress=not args.no_progress)
+    except (RunDirError, EnergyUnavailableError, FileNotFoundError, ValueError, OSError) as err:
+        console.print(f"[red]error:[/red] {escape(str(err))}")
+        return 2
+    from harness.summary import print_summary
+
+    print_summary(run_dir, _stdout_console())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="harness", description="Benchmark LLM decoding methods on speed, energy and output quality."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("profile", help="run a profile's decoders side by side and write Parquet traces")
+    p.add_argument("profile", help="profile YAML (see profiles/)")
+    p.add_argument("--energy", action="store_true", help="measure GPU energy with Zeus (NVIDIA GPUs only)")
+    p.add_argument("-o", "--output", help="run directory (default: runs/<profile name>-<fingerprint>)")
+    p.add_argument("--resume", action="store_true", help="complete an interrupted run in the run directory")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a profile value, e.g. --set generation.max_new_tokens=16 (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_profile)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""Profiles: YAML files that say which models, prompts and decoders to run.
+
+Validation happens before any model loads and reports every problem at once,
+each with its YAML path (``decoders[1].params.gamma: must be >= 1``).
+
+Example (``profiles/smoke.yaml``)::
+
+    name: smoke
+    models: {target: builtin:tiny-random, draft: builtin:tiny-random-draft, device: cpu}
+    prompts: {items: ["Once upon a time"], chat_template: false}
+    generation: {max_new_tokens: 32, repeats: 2, warmup: 1, seed: 0}
+    decoders:
+      - {name: sampling, params: {temperature: 1.0}}
+      - {name: specdecode, label: sd-g4, params: {gamma: 4}}
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from decoders import available_decoders, decoder_class, decoder_params
+
+
+class ProfileError(ValueError):
+    """An invalid profile; ``problems`` lists every ``path: message``."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__(f"invalid profile {source}:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass(frozen=True)
+class ModelsSpec:
+    target: str
+    draft: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class PromptsSpec:
+    items: tuple[str, ...] = ()
+    file: str | None = None  # JSONL, relative to the profile's folder
+    field: str = "prompt"
+    id_field: str | None = None
+    limit: int | None = None
+    chat_template: bool = False
+    system: str | None = None
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    max_new_tokens: int = 64
+    repeats: int = 1
+    warmup: int = 1
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    name: str
+    label: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    models: ModelsSpec
+    prompts: PromptsSpec
+    generation: GenerationSpec
+    decoders: tuple[DecoderSpec, ...]
+    base_dir: str = "."  # folder that relative paths in the profile are read from
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved profile as plain data (what run.json records)."""
+        data = asdict(self)
+        data.pop("base_dir")
+        data["prompts"]["items"] = list(self.prompts.items)
+        data["decoders"] = [asdict(d) for d in self.decoders]
+        return data
+
+    def fingerprint(self) -> str:
+        """Short hash of everything that determines the run's rows."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+
+
+_SECTIONS = {"name": str, "models": ModelsSpec, "prompts": PromptsSpec, "generation": GenerationSpec, "decoders": list}
+_TYPES = {
+    ModelsSpec: {"target": str, "draft": (str, type(None)), "dtype": str, "device": str},
+    PromptsSpec: {
+        "items": list, "file": (str, type(None)), "field": str, "id_field": (str, type(None)),
+        "limit": (int, type(None)), "chat_template": bool, "system": (str, type(None)),
+    },
+    GenerationSpec: {"max_new_tokens": int, "repeats": int, "warmup": int, "seed": int},
+}
+_MINIMUM = {"max_new_tokens": 1, "repeats": 1, "warmup": 0, "seed": 0, "limit": 1}
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _type_name(kind) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+
+
+def _is(value, kind) -> bool:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds:
+        return False
+    return isinstance(value, kinds)
+
+
+def _section(raw: dict, key: str, cls, problems: list[str]):
+    data = raw.get(key, {})
+    if not isinstance(data, dict):
+        problems.append(f"{key}: must be a mapping, got {type(data).__name__}")
+        return None
+    types = _TYPES[cls]
+    for name in sorted(set(data) - set(types)):
+        problems.append(f"{key}.{name}: unknown key (known: {', '.join(types)})")
+    ok = {}
+    for name, value in data.items():
+        if name not in types:
+            continue
+        if not _is(value, types[name]):
+            problems.append(f"{key}.{name}: must be {_type_name(types[name])}, got {type(value).__name__} ({value!r})")
+        elif isinstance(value, int) and name in _MINIMUM and value < _MINIMUM[name]:
+            problems.append(f"{key}.{name}: must be >= {_MINIMUM[name]}, got {value}")
+        else:
+            ok[name] = tuple(value) if isinstance(value, list) else value
+    return ok
+
+
+def _decoders(raw: object, problems: list[str]) -> list[DecoderSpec]:
+    if not isinstance(raw, list) or not raw:
+        problems.append("decoders: must be a non-empty list of {name, label?, params?}")
+        return []
+    specs, labels = [], set()
+    for i, entry in enumerate(raw):
+        where = f"decoders[{i}]"
+        if isinstance(entry, str):
+            entry = {"name": entry}
+        if not isinstance(entry, dict):
+            problems.append(f"{where}: must be a mapping with a name, got {entry!r}")
+            continue
+        for key in sorted(set(entry) - {"name", "label", "params"}):
+            problems.append(f"{where}.{key}: unknown key (known: name, label, params)")
+        name, params = entry.get("name"), entry.get("params") or {}
+        if name not in available_decoders():
+            try:
+                decoder_class(str(name))
+            except ValueError as err:
+                problems.append(f"{where}.name: {err}")
+            continue
+        if not isinstance(params, dict):
+            problems.append(f"{where}.params: must be a mapping, got {type(params).__name__}")
+            continue
+        known = decoder_params(name)
+        for key, value in params.items():
+            if key not in known:
+                problems.append(f"{where}.params.{key}: {name} takes no such parameter (it takes: {', '.join(known)})")
+                continue
+            try:
+                decoder_class(name).check_param(key, value)
+            except (TypeError, ValueError) as err:
+                problems.append(f"{where}.params.{key}: {err}")
+        label = entry.get("label", name)
+        if not isinstance(label, str) or not label or "/" in label:
+            problems.append(f"{where}.label: must be a non-empty string without '/', got {label!r}")
+            continue
+        if label in labels:
+            problems.append(f"{where}.label: {label!r} is used twice; give each setting its own label")
+        labels.add(label)
+        specs.append(DecoderSpec(name=name, label=label, params=dict(params)))
+    return specs
+
+
+def parse_profile(raw: object, source: str = "<profile>", base_dir: str = ".") -> Profile:
+    """Validate plain data (parsed YAML) into a ``Profile``; raise ``ProfileError``."""
+    if not isinstance(raw, dict):
+        raise ProfileError(source, [f"<root>: must be a mapping, got {type(raw).__name__}"])
+    problems: list[str] = []
+    for key in sorted(set(raw) - set(_SECTIONS)):
+        problems.append(f"{key}: unknown key (known: {', '.join(_SECTIONS)})")
+    name = raw.get("name", Path(source).stem)
+    if not isinstance(name, str) or not name:
+        problems.append(f"name: must be a non-empty string, got {name!r}")
+    models = _section(raw, "models", ModelsSpec, problems)
+    prompts = _section(raw, "prompts", PromptsSpec, problems)
+    generation = _section(raw, "generation", GenerationSpec, problems)
+    decoders = _decoders(raw.get("decoders"), problems)
+    if models is not None:
+        if "target" not in models and "models.target" not in " ".join(problems):
+            problems.append("models.target: required (a folder, a .gguf file, a hub id or builtin:NAME)")
+        if models.get("dtype", "auto") not in _DTYPES:
+            problems.append(f"models.dtype: must be one of {', '.join(_DTYPES)}, got {models['dtype']!r}")
+        needs_draft = [d.label for d in decoders if decoder_class(d.name).needs_draft]
+        if needs_draft and not models.get("draft"):
+            problems.append(f"models.draft: required by decoder(s) {', '.join(needs_draft)}")
+    if prompts is not None:
+        if bool(prompts.get("items")) == bool(prompts.get("file")):
+            problems.append("prompts: give exactly one of items (a list of strings) or file (a JSONL path)")
+        bad = [i for i, p in enumerate(prompts.get("items", ())) if not isinstance(p, str) or not p]
+        if bad:
+            problems.append(f"prompts.items[{bad[0]}]: every prompt must be a non-empty string")
+        if prompts.get("file") and not (Path(base_dir) / prompts["file"]).is_file():
+            problems.append(f"prompts.file: {Path(base_dir) / prompts['file']} does not exist")
+    if problems:
+        raise ProfileError(source, problems)
+    return Profile(
+        name=name,
+        models=ModelsSpec(**models),
+        prompts=PromptsSpec(**prompts),
+        generation=GenerationSpec(**generation),
+        decoders=tuple(decoders),
+        base_dir=str(base_dir),
+    )
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``--set a.b.c=value`` overrides (value parsed as YAML; list indices allowed)."""
+    data = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ProfileError("--set", [f"{item!r}: expected key=value, e.g. generation.max_new_tokens=16"])
+        path, text = item.split("=", 1)
+        keys = path.strip().split(".")
+        node = data
+        try:
+            for key in keys[:-1]:
+                node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
+            last = keys[-1]
+            value = yaml.safe_load(text)
+            if isinstance(node, list):
+                node[int(last)] = value
+            else:
+                node[last] = value
+        except (IndexError, ValueError, TypeError, AttributeError) as err:
+            raise ProfileError("--set", [f"{item!r}: cannot set {path} ({err})"]) from None
+    return data
+
+
+def load_profile(path: str | Path, overrides: list[str] | None = None) -> Profile:
+    """Read, override and validate a YAML profile."""
+    path = Path(path)
+    if not path.is_file():
+        raise ProfileError(str(path), [f"file not found: {path}"])
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ProfileError(str(path), [f"not valid YAML: {err}"]) from None
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+    return parse_profile(raw, str(path), base_dir=str(path.parent))

@@ -1,0 +1,67 @@
+"""Prompt sets: read from a profile, tokenised once for every decoder."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from harness.profile_spec import PromptsSpec
+
+
+@dataclass(frozen=True)
+class Prompt:
+    prompt_id: str
+    text: str
+    input_ids: torch.Tensor  # (1, n) on CPU
+
+
+def read_prompt_texts(spec: PromptsSpec, base_dir: str) -> list[tuple[str, str]]:
+    """``(prompt_id, text)`` pairs from the profile's list or JSONL file."""
+    if spec.items:
+        pairs = [(f"p{i:04d}", text) for i, text in enumerate(spec.items)]
+    else:
+        path = Path(base_dir) / spec.file
+        pairs = []
+        with path.open() as fh:
+            for line_no, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{line_no}: not valid JSON ({err})") from None
+                if spec.field not in row:
+                    raise ValueError(f"{path}:{line_no}: no field {spec.field!r} (fields: {', '.join(row)})")
+                pid = str(row[spec.id_field]) if spec.id_field else f"p{len(pairs):04d}"
+                pairs.append((pid, str(row[spec.field])))
+    if spec.limit is not None:
+        pairs = pairs[: spec.limit]
+    ids = [pid for pid, _ in pairs]
+    if len(set(ids)) != len(ids):
+        raise ValueError("prompt ids must be unique; check prompts.id_field")
+    return pairs
+
+
+def tokenize_prompts(spec: PromptsSpec, base_dir: str, tokenizer: PreTrainedTokenizerBase) -> list[Prompt]:
+    """Tokenise every prompt, through the chat template when the profile asks for it."""
+    if spec.chat_template and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("prompts.chat_template is true but the tokenizer has no chat template")
+    prompts = []
+    for pid, text in read_prompt_texts(spec, base_dir):
+        if spec.chat_template:
+            messages = ([{"role": "system", "content": spec.system}] if spec.system else []) + [
+                {"role": "user", "content": text}
+            ]
+            rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            # The template already holds the special tokens; don't add a second BOS.
+            ids = tokenizer(rendered, add_special_tokens=False).input_ids
+        else:
+            ids = tokenizer(text).input_ids
+        if not ids:
+            raise ValueError(f"prompt {pid} tokenises to nothing")
+        prompts.append(Prompt(pid, text, torch.tensor([ids], dtype=torch.long)))
+    return prompts

@@ -1,0 +1,343 @@
+"""``harness profile``: run decoders side by side and trace every generation.
+
+Data flows one way: profile -> runner -> decoder -> energy meter -> trace.
+Each decoder setting is one *sweep* over (prompt, repeat); a sweep is one
+energy window. Rows are written as they finish; ``resume`` skips finished
+(decoder label, prompt, repeat) keys and runs the rest as a new sweep attempt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from decoders import Decoder, GenerationOutput, get_decoder
+from harness import trace
+from harness.energy import EnergyMeter, EnergyWindow, gpu_indices_for, share_by_time
+from harness.models import LoadedModels, load_models, resolve_device
+from harness.profile_spec import DecoderSpec, Profile
+from harness.prompts import Prompt, tokenize_prompts
+from harness.quality import output_perplexity
+from harness.sysinfo import environment
+
+
+class RunDirError(ValueError):
+    """The run directory cannot be used as asked (exists, or belongs to another profile)."""
+
+
+def default_run_dir(profile: Profile) -> Path:
+    """``runs/<name>-<fingerprint>``: the same profile always maps to the same folder."""
+    return Path("runs") / f"{profile.name}-{profile.fingerprint()}"
+
+
+def generation_seed(base_seed: int, prompt_id: str, repeat: int) -> int:
+    """Seed of one (prompt, repeat): identical for every decoder, so comparisons are paired."""
+    digest = hashlib.sha256(f"{base_seed}/{prompt_id}/{repeat}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def eos_ids(models: LoadedModels) -> list[int]:
+    ids = {models.tokenizer.eos_token_id}
+    config_eos = getattr(models.target.generation_config, "eos_token_id", None)
+    ids.update(config_eos if isinstance(config_eos, list) else [config_eos])
+    return sorted(i for i in ids if i is not None)
+
+
+def timed_generate(
+    decoder: Decoder, prompt: Prompt, max_new_tokens: int, seed: int, eos: list[int], device: torch.device
+) -> tuple[GenerationOutput, float, float]:
+    """One generation; returns ``(output, time_s, ttft_s)``.
+
+    The device is synchronised at the start and the end, and once when the first
+    step has committed its tokens (for time to first token), never inside the loop.
+    """
+    input_ids = prompt.input_ids.to(device)
+    first: list[float] = []
+
+    def on_first_step(_record) -> None:
+        if not first:
+            _sync(device)
+            first.append(time.perf_counter())
+
+    _sync(device)
+    start = time.perf_counter()
+    out = decoder.generate(input_ids, max_new_tokens, torch.Generator().manual_seed(seed), eos, on_first_step)
+    _sync(device)
+    end = time.perf_counter()
+    return out, end - start, first[0] - start
+
+
+def _position_counts(out: GenerationOutput, width: int) -> tuple[list[int], list[int]]:
+    drafted, accepted = [0] * width, [0] * width
+    for s in out.steps:
+        for j in range(s.drafted):
+            drafted[j] += 1
+        for j in range(s.accepted):
+            accepted[j] += 1
+    return drafted, accepted
+
+
+def generation_row(
+    ctx: dict[str, Any], spec: DecoderSpec, decoder: Decoder, prompt: Prompt, index: int, repeat: int,
+    seed: int, out: GenerationOutput, time_s: float, ttft_s: float, ppl: float, text: str, eos: list[int],
+) -> dict[str, Any]:
+    n = len(out.tokens)
+    drafted_pos, accepted_pos = _position_counts(out, int(decoder.params.get("gamma", 0)))
+    return {
+        **ctx,
+        "decoder_label": spec.label,
+        "decoder": spec.name,
+        "params_json": json.dumps(decoder.params, sort_keys=True),
+        "prompt_id": prompt.prompt_id,
+        "prompt_index": index,
+        "repeat": repeat,
+        "seed": seed,
+        "prompt_tokens": prompt.input_ids.shape[1],
+        "new_tokens": n,
+        "stopped_at_eos": bool(n and int(out.tokens[-1]) in eos),
+        "time_s": time_s,
+        "ttft_s": ttft_s,
+        "tpot_s": (time_s - ttft_s) / (n - 1) if n > 1 else None,
+        "tokens_per_s": n / time_s if time_s > 0 else None,
+        "iterations": len(out.steps),
+        "tokens_per_iteration": n / len(out.steps),
+        "mean_accepted": out.mean_accepted,
+        "drafted_tokens": sum(s.drafted for s in out.steps),
+        "accepted_tokens": sum(s.accepted for s in out.steps),
+        "drafted_by_position": drafted_pos,
+        "accepted_by_position": accepted_pos,
+        "target_forwards": out.target_forwards,
+        "draft_forwards": out.draft_forwards,
+        "output_ppl": ppl,
+        "gpu_energy_j": None,
+        "energy_per_token_j": None,
+        "energy_estimated": None,
+        "output_text": text,
+        "output_tokens": out.tokens.tolist(),
+    }
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description:<16}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[tps]:>8} tok/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+
+
+class RunRecord:
+    """``run.json``: written at the start, after every sweep, and at the end."""
+
+    def __init__(self, run_dir: Path, data: dict[str, Any]) -> None:
+        self.path = run_dir / trace.RUN_JSON
+        self.data = data
+        self.save()
+
+    def save(self) -> None:
+        trace.atomic_write_json(self.path, self.data)
+
+    def add_window(self, sweep: str, label: str, window: EnergyWindow, times_s: list[float], tokens: int) -> None:
+        self.data.setdefault("energy_windows", []).append(
+            {
+                "sweep": sweep,
+                "decoder_label": label,
+                "time_s": window.time_s,
+                "gpu_energy_j": {str(k): v for k, v in window.gpu_energy_j.items()},
+                "total_energy_j": window.total_j,
+                "mean_power_w": window.mean_power_w,
+                "generation_time_s": sum(times_s),
+                "new_tokens": tokens,
+                "energy_per_token_j": window.total_j / tokens if tokens else None,
+                "monitor_overhead_s": window.overhead_s,
+                "monitor_overhead_fraction": window.overhead_s / window.time_s if window.time_s > 0 else None,
+                # NVML's counter moves about every 0.1 s: a window under a second is coarse.
+                "short_window": window.time_s < 1.0,
+            }
+        )
+        self.save()
+
+
+def prepare_run_dir(profile: Profile, run_dir: Path, resume: bool) -> dict[str, Any] | None:
+    """Check the run directory; return the earlier run.json when resuming."""
+    existing = run_dir / trace.RUN_JSON
+    if not existing.exists():
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise RunDirError(f"{run_dir} exists and is not a run directory; choose another -o")
+        return None
+    if not resume:
+        raise RunDirError(
+            f"{run_dir} already holds a run; pass --resume to complete it, or -o NEW_DIR for a new run"
+        )
+    old = trace.read_run_json(run_dir)
+    if old.get("fingerprint") != profile.fingerprint():
+        raise RunDirError(
+            f"{run_dir} was started with a different profile (fingerprint {old.get('fingerprint')} != "
+            f"{profile.fingerprint()}); resume only with the same profile and --set values"
+        )
+    return old
+
+
+@contextmanager
+def _energy_window(meter: EnergyMeter | None, name: str) -> Iterator[list[EnergyWindow]]:
+    result: list[EnergyWindow] = []
+    if meter is None:
+        yield result
+        return
+    meter.begin(name)
+    try:
+        yield result
+    except BaseException:
+        meter.cancel(name)
+        raise
+    result.append(meter.end(name))
+
+
+def run_profile(
+    profile: Profile,
+    run_dir: str | Path | None = None,
+    *,
+    energy: bool = False,
+    resume: bool = False,
+    show_progress: bool = True,
+    meter: EnergyMeter | None = None,
+) -> Path:
+    """Run every decoder of ``profile`` over its prompts; return the run directory.
+
+    Args:
+        profile: a validated profile.
+        run_dir: where traces go (default ``default_run_dir(profile)``).
+        energy: measure GPU energy with Zeus (fails early where impossible).
+        resume: complete an interrupted run in ``run_dir``.
+        show_progress: draw a progress bar.
+        meter: an energy meter to use instead of building one (tests inject one).
+    """
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(profile)
+    previous = prepare_run_dir(profile, run_dir, resume)
+    device = resolve_device(profile.models.device)
+    if energy and meter is None:
+        meter = EnergyMeter(gpu_indices_for([device]))  # before the (slow) model load
+    models = load_models(
+        profile.models.target, profile.models.draft, dtype=profile.models.dtype, device=profile.models.device
+    )
+    prompts = tokenize_prompts(profile.prompts, profile.base_dir, models.tokenizer)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if previous is not None:
+        trace.drop_orphan_steps(run_dir)
+    record = RunRecord(run_dir, {
+        "run_id": (previous or {}).get("run_id") or f"{profile.name}-{profile.fingerprint()}-{int(time.time())}",
+        "status": "running",
+        "fingerprint": profile.fingerprint(),
+        "profile": profile.to_dict(),
+        "energy": bool(meter),
+        "started": (previous or {}).get("started") or _now(),
+        "resumed": [*(previous or {}).get("resumed", []), _now()] if previous else [],
+        "ended": None,
+        "environment": environment([models.device]),
+        "model_info": {"dtype": str(models.dtype).removeprefix("torch."), "device": str(models.device),
+                       "target_params": models.target.num_parameters(),
+                       "draft_params": models.draft.num_parameters() if models.draft is not None else None},
+        "energy_windows": (previous or {}).get("energy_windows", []),
+    })
+    ctx = {
+        "run_id": record.data["run_id"],
+        "target_model": profile.models.target,
+        "draft_model": profile.models.draft,
+        "device": str(models.device),
+        "dtype": record.data["model_info"]["dtype"],
+    }
+    done_table = trace.read_table(run_dir)
+    done = set(zip(done_table.decoder_label, done_table.prompt_id, done_table.repeat, strict=True))
+    attempts = done_table.groupby("decoder_label").sweep.nunique().to_dict() if len(done_table) else {}
+    eos = eos_ids(models)
+    gen = profile.generation
+    plan = [
+        (spec, [(i, p, r) for i, p in enumerate(prompts) for r in range(gen.repeats)
+                if (spec.label, p.prompt_id, r) not in done])
+        for spec in profile.decoders
+    ]
+    total = sum(len(todo) for _, todo in plan)
+    with _progress() if show_progress else _NoProgress() as bar:
+        task = bar.add_task("profile", total=total, tps="-")
+        for k, (spec, todo) in enumerate(plan):
+            if not todo:
+                continue
+            draft = models.draft if spec.name != "sampling" else None
+            decoder = get_decoder(spec.name, target=models.target, draft=draft, **spec.params)
+            bar.update(task, description=spec.label)
+            for w in range(gen.warmup):  # kept out of the numbers and the energy window
+                decoder.generate(prompts[0].input_ids.to(models.device), gen.max_new_tokens,
+                                 torch.Generator().manual_seed(w), eos)
+            sweep = f"{k:02d}-{spec.label}-a{attempts.get(spec.label, 0)}"
+            writer = trace.SweepWriter(run_dir, sweep)
+            times: list[float] = []
+            tokens = 0
+            with _energy_window(meter, sweep) as window:
+                for index, prompt, repeat in todo:
+                    seed = generation_seed(gen.seed, prompt.prompt_id, repeat)
+                    out, time_s, ttft_s = timed_generate(decoder, prompt, gen.max_new_tokens, seed, eos, models.device)
+                    ppl = output_perplexity(models.target, prompt.input_ids, out.tokens)
+                    text = models.tokenizer.decode(out.tokens, skip_special_tokens=True)
+                    row = generation_row({**ctx, "sweep": sweep}, spec, decoder, prompt, index, repeat, seed,
+                                         out, time_s, ttft_s, ppl, text, eos)
+                    steps = [{"run_id": ctx["run_id"], "sweep": sweep, "decoder_label": spec.label,
+                              "prompt_id": prompt.prompt_id, "repeat": repeat, "step": j, **asdict(s)}
+                             for j, s in enumerate(out.steps)]
+                    writer.add(row, steps)
+                    times.append(time_s)
+                    tokens += len(out.tokens)
+                    bar.update(task, advance=1, tps=f"{tokens / sum(times):.1f}")
+            if window:
+                for row, joules in zip(writer.generations, share_by_time(window[0], times), strict=True):
+                    row.update(gpu_energy_j=joules, energy_per_token_j=joules / max(row["new_tokens"], 1),
+                               energy_estimated=True)
+                writer.flush_generations()
+                record.add_window(sweep, spec.label, window[0], times, tokens)
+    record.data.update(status="complete", ended=_now())
+    record.save()
+    return run_dir
+
+
+class _NoProgress:
+    """Stand-in for a progress bar when none is wanted."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def add_task(self, *args, **kwargs) -> int:
+        return 0
+
+    def update(self, *args, **kwargs) -> None:
+        return None

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Set up (or update) the project's virtual environment in .venv.
+#
+# torch is installed first and only when missing, so a GPU user's own CUDA build
+# is never replaced; on a fresh CPU machine `torch==2.13.0` is the CPU build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+    "${PIP[@]}" install "torch==${TORCH_VERSION:-2.13.0}"
+fi
+"${PIP[@]}" install -e ".[test,lint]"

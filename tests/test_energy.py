@@ -1,0 +1,117 @@
+"""Energy accounting, with the GPU faked at Zeus's device seam (``get_gpus``).
+
+The fake reproduces what was measured on the H100: the total-energy counter
+advances in 0.1 s jumps. Real Zeus code (ZeusMonitor windows) runs on top.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+from harness.energy import EnergyMeter, EnergyUnavailableError, share_by_time
+from harness.profile_spec import load_profile
+from harness.runner import run_profile
+from tests.test_profile import SMOKE
+
+POWER_W = 300.0
+TICK_S = 0.1
+
+
+class FakeNvidiaGPUs:
+    """Stands in for zeus.device.gpu.NVIDIAGPUs: one Hopper GPU drawing POWER_W."""
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+
+    def __len__(self) -> int:
+        return 1
+
+    def supports_get_total_energy_consumption(self, index: int) -> bool:
+        return True
+
+    def get_total_energy_consumption(self, index: int) -> float:
+        elapsed = math.floor((time.monotonic() - self.t0) / TICK_S) * TICK_S
+        return 1000.0 * POWER_W * elapsed  # millijoules, as NVML reports
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    import zeus.monitor.energy as zeus_energy
+
+    monkeypatch.setattr(zeus_energy, "get_gpus", lambda *a, **k: FakeNvidiaGPUs())
+
+
+def test_window_reads_the_counter(fake_gpu):
+    meter = EnergyMeter([0])
+    meter.begin("w")
+    time.sleep(0.5)
+    w = meter.end("w")
+    assert w.time_s == pytest.approx(0.5, abs=0.05)
+    # The counter moves in 0.1 s jumps: the window reads 0.4-0.6 s worth.
+    assert POWER_W * 0.4 - 1e-6 <= w.total_j <= POWER_W * 0.6 + 1e-6
+    assert w.overhead_s < 0.05
+
+
+def test_share_by_time_splits_the_window():
+    from harness.energy import EnergyWindow
+
+    w = EnergyWindow("w", time_s=2.0, gpu_energy_j={0: 100.0, 1: 60.0}, overhead_s=0.0)
+    assert share_by_time(w, [0.5, 1.0]) == [40.0, 80.0]
+
+
+def test_profile_with_energy_fills_estimated_columns(fake_gpu, tmp_path):
+    profile = load_profile(SMOKE, ["generation.max_new_tokens=48", "generation.repeats=1"])
+    run_dir = run_profile(profile, tmp_path / "run", meter=EnergyMeter([0]), show_progress=False)
+    gens = pd.read_parquet(run_dir / "generations.parquet")
+    info = json.loads((run_dir / "run.json").read_text())
+    assert gens.energy_estimated.all() and (gens.gpu_energy_j >= 0).all()
+    assert len(info["energy_windows"]) == 3
+    for w in info["energy_windows"]:
+        rows = gens[gens.sweep == w["sweep"]]
+        # Per-generation estimates are the window's energy shared by time.
+        expected = w["total_energy_j"] * rows.time_s.sum() / w["time_s"]
+        assert rows.gpu_energy_j.sum() == pytest.approx(expected, rel=1e-9)
+        assert rows.gpu_energy_j.sum() <= w["total_energy_j"] + 1e-9
+        assert (rows.energy_per_token_j == rows.gpu_energy_j / rows.new_tokens).all()
+        assert w["new_tokens"] == rows.new_tokens.sum()
+        assert w["monitor_overhead_fraction"] is not None
+
+
+def test_no_gpu_is_a_clear_error(monkeypatch):
+    import zeus.monitor.energy as zeus_energy
+    from zeus.device.gpu.common import ZeusGPUInitError
+
+    def no_gpus(*a, **k):
+        raise ZeusGPUInitError("NVML and AMDSMI unavailable.")
+
+    monkeypatch.setattr(zeus_energy, "get_gpus", no_gpus)
+    with pytest.raises(EnergyUnavailableError, match="NVML energy counters"):
+        EnergyMeter([0])
+    with pytest.raises(EnergyUnavailableError, match="uses no CUDA device"):
+        EnergyMeter([])
+
+
+@pytest.mark.gpu
+def test_real_gpu_energy_over_a_sweep(tmp_path):
+    """On an NVIDIA GPU: real joules, plausible power, monitoring overhead < 1%."""
+    import pynvml
+
+    profile = load_profile(SMOKE, ["models.device=cuda", "generation.max_new_tokens=128",
+                                   "generation.repeats=4", "generation.warmup=2"])
+    run_dir = run_profile(profile, tmp_path / "run", energy=True, show_progress=False)
+    info = json.loads((run_dir / "run.json").read_text())
+    pynvml.nvmlInit()
+    limit_w = pynvml.nvmlDeviceGetPowerManagementLimit(pynvml.nvmlDeviceGetHandleByIndex(0)) / 1000
+    for w in info["energy_windows"]:
+        assert w["total_energy_j"] > 0
+        assert 20 < w["mean_power_w"] < limit_w
+        assert w["monitor_overhead_fraction"] < 0.01
+    gens = pd.read_parquet(run_dir / "generations.parquet")
+    assert (gens.gpu_energy_j > 0).all() and gens.energy_estimated.all()
+    assert torch.cuda.is_available()

@@ -1,0 +1,201 @@
+"""``harness profile``: validation, traces, resume after a kill, energy accounting."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from harness import trace
+from harness.profile_spec import ProfileError, load_profile, parse_profile
+from harness.runner import run_profile
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ROOT / "profiles" / "smoke.yaml"
+
+
+def harness_cli(*args: str, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "harness", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """The smoke profile through the real CLI, as CI and users run it."""
+    run_dir = tmp_path_factory.mktemp("smoke") / "run"
+    proc = harness_cli("profile", str(SMOKE), "-o", str(run_dir), "--no-progress")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    return run_dir, out
+
+
+def test_smoke_traces_schema_and_counts(smoke_run):
+    run_dir, stdout = smoke_run
+    profile = load_profile(SMOKE)
+    gens = pd.read_parquet(run_dir / "generations.parquet")
+    steps = pd.read_parquet(run_dir / "steps.parquet")
+    n_prompts = len(profile.prompts.items)
+    assert len(gens) == len(profile.decoders) * n_prompts * profile.generation.repeats
+    assert list(gens.columns) == trace.GENERATION_SCHEMA.names
+    assert not gens.duplicated(["decoder_label", "prompt_id", "repeat"]).any()
+    assert len(steps) == gens.iterations.sum()
+    # Every step row belongs to a generation and adds up to its token count.
+    committed = steps.groupby(["decoder_label", "prompt_id", "repeat"]).committed.sum()
+    joined = gens.set_index(["decoder_label", "prompt_id", "repeat"]).new_tokens
+    assert committed.sort_index().equals(joined.sort_index())
+    assert (gens.new_tokens <= profile.generation.max_new_tokens).all()
+    assert (gens.time_s > 0).all() and (gens.ttft_s > 0).all() and (gens.ttft_s <= gens.time_s).all()
+    assert (gens.output_ppl > 1).all()
+    assert gens.gpu_energy_j.isna().all() and gens.energy_estimated.isna().all()  # no --energy
+    sd = gens[gens.decoder == "specdecode"]
+    assert (sd.accepted_by_position.map(len) == 4).all()
+    assert (sd.accepted_tokens == sd.accepted_by_position.map(sum)).all()
+    assert (gens[gens.decoder == "sampling"].tokens_per_iteration == 1.0).all()
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "complete" and info["ended"]
+    assert info["profile"]["decoders"][1]["name"] == "specdecode"
+    assert info["environment"]["packages"]["torch"]
+    assert "mtad" in stdout and "speedup" in stdout
+
+
+def test_same_seed_pairs_prompts_across_decoders(smoke_run):
+    gens = pd.read_parquet(smoke_run[0] / "generations.parquet")
+    seeds = gens.groupby(["prompt_id", "repeat"]).seed.nunique()
+    assert (seeds == 1).all()
+    assert gens.seed.nunique() == len(seeds)
+
+
+def _rows_by_key(run_dir: Path) -> dict:
+    gens = pd.read_parquet(run_dir / "generations.parquet")
+    return {(r.decoder_label, r.prompt_id, r.repeat): list(r.output_tokens) for r in gens.itertuples()}
+
+
+@pytest.mark.slow
+def test_resume_after_kill_completes_without_loss_or_duplicates(smoke_run, tmp_path):
+    run_dir = tmp_path / "killed"
+    proc = harness_cli("profile", str(SMOKE), "-o", str(run_dir), "--no-progress",
+                       "--set", "generation.max_new_tokens=64", start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill once the second sweep has written rows
+        parts = list((run_dir / "generations.parquet").glob("part-01-*.parquet"))
+        if parts and len(pd.read_parquet(parts[0])) >= 2:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = _rows_by_key(run_dir)
+    assert 8 <= len(partial) < 24, "the kill should land mid-run"
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "running"
+
+    again = harness_cli("profile", str(SMOKE), "-o", str(run_dir), "--no-progress")
+    assert again.wait(timeout=60) == 2, "an existing run must not be overwritten without --resume"
+    assert "--resume" in again.stderr.read()
+
+    resumed = harness_cli("profile", str(SMOKE), "-o", str(run_dir), "--no-progress", "--resume",
+                          "--set", "generation.max_new_tokens=64")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    gens = pd.read_parquet(run_dir / "generations.parquet")
+    assert len(gens) == 24 and not gens.duplicated(["decoder_label", "prompt_id", "repeat"]).any()
+    steps = pd.read_parquet(run_dir / "steps.parquet")
+    assert len(steps) == gens.iterations.sum()
+    final = _rows_by_key(run_dir)
+    assert all(final[k] == v for k, v in partial.items()), "rows written before the kill must survive unchanged"
+    # Seeds are per (prompt, repeat), so a resumed run equals an uninterrupted one.
+    fresh = tmp_path / "fresh"
+    run_profile(load_profile(SMOKE, ["generation.max_new_tokens=64"]), fresh, show_progress=False)
+    assert _rows_by_key(fresh) == final
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "complete"
+
+
+def test_resume_refuses_a_changed_profile(smoke_run):
+    proc = harness_cli("profile", str(SMOKE), "-o", str(smoke_run[0]), "--resume",
+                       "--set", "generation.repeats=3")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "different profile" in err
+
+
+BAD = {
+    "name": "bad",
+    "modelz": {},
+    "models": {"target": "builtin:tiny-random", "dtype": "float8", "device": "cpu"},
+    "prompts": {"items": ["hi"], "chat_template": "yes"},
+    "generation": {"max_new_tokens": 0, "repeats": "two", "sed": 1},
+    "decoders": [
+        {"name": "specdecod"},
+        {"name": "mtad", "params": {"gamma": 0, "beam_width": 2.5, "accept_thres": -1, "foo": 1}},
+        {"name": "sampling", "params": {"top_p": 1.5}},
+        {"name": "sampling", "params": {}},
+    ],
+}
+
+
+def test_invalid_profile_reports_every_problem_with_its_path():
+    with pytest.raises(ProfileError) as info:
+        parse_profile(BAD, "bad.yaml")
+    problems = "\n".join(info.value.problems)
+    for expected in [
+        "modelz: unknown key",
+        "models.dtype: must be one of",
+        "prompts.chat_template: must be bool",
+        "generation.max_new_tokens: must be >= 1",
+        "generation.repeats: must be int",
+        "generation.sed: unknown key",
+        "decoders[0].name: unknown decoder 'specdecod'",
+        "Did you mean 'specdecode'",
+        "decoders[1].params.gamma: gamma must be >= 1",
+        "decoders[1].params.beam_width: beam_width must be an int",
+        "decoders[1].params.accept_thres: accept_thres must be > 0",
+        "decoders[1].params.foo: mtad takes no such parameter",
+        "decoders[2].params.top_p: top_p must be in (0, 1]",
+        "decoders[3].label: 'sampling' is used twice",
+        "models.draft: required by decoder(s) mtad",
+    ]:
+        assert expected in problems, f"missing: {expected}\n{problems}"
+
+
+def test_invalid_profile_via_cli_writes_nothing(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(BAD))
+    proc = harness_cli("profile", str(path), "-o", str(tmp_path / "run"))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert "decoders[1].params.gamma" in err and "generation.repeats" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_set_overrides_and_list_indices():
+    profile = load_profile(SMOKE, ["generation.max_new_tokens=8", "decoders.1.params.gamma=2",
+                                   "decoders.2.label=mtad-b2"])
+    assert profile.generation.max_new_tokens == 8
+    assert profile.decoders[1].params["gamma"] == 2 and profile.decoders[2].label == "mtad-b2"
+    with pytest.raises(ProfileError, match="expected key=value"):
+        load_profile(SMOKE, ["generation.max_new_tokens"])
+
+
+def test_prompts_from_jsonl_with_ids(tmp_path):
+    (tmp_path / "p.jsonl").write_text('{"id": "a", "q": "Hello"}\n\n{"id": "b", "q": "World"}\n')
+    raw = yaml.safe_load(SMOKE.read_text())
+    raw["prompts"] = {"file": "p.jsonl", "field": "q", "id_field": "id"}
+    raw["decoders"] = [{"name": "sampling"}]
+    raw["generation"] = {"max_new_tokens": 4, "repeats": 1, "warmup": 0}
+    run_dir = run_profile(parse_profile(raw, "p.yaml", base_dir=str(tmp_path)), tmp_path / "run", show_progress=False)
+    gens = pd.read_parquet(run_dir / "generations.parquet")
+    assert sorted(gens.prompt_id) == ["a", "b"]
+
+
+def test_energy_on_a_machine_without_gpu_stops_before_running(tmp_path):
+    proc = harness_cli("profile", str(SMOKE), "--energy", "-o", str(tmp_path / "run"))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert "--energy" in err and "cuda" in err.lower()
+    assert not (tmp_path / "run").exists()
