@@ -47,7 +47,11 @@ class EnergyWindow:
 class EnergyMeter:
     """Whole-sweep energy windows over the GPUs a run uses (a thin Zeus wrapper)."""
 
-    def __init__(self, gpu_indices: list[int]) -> None:
+    def __init__(self, gpu_indices: list[int], sync: bool | None = None) -> None:
+        """Args:
+            gpu_indices: CUDA device indices to measure (all GPUs the run uses).
+            sync: synchronise CUDA at window edges (default: when CUDA is available).
+        """
         if not gpu_indices:
             raise EnergyUnavailableError(
                 "--energy measures GPU energy, but this run uses no CUDA device; set models.device to cuda"
@@ -67,7 +71,7 @@ class EnergyMeter:
         if not all(self._monitor.gpus.supports_get_total_energy_consumption(i) for i in gpu_indices):
             raise EnergyUnavailableError("--energy needs GPUs with a total-energy counter (Volta or newer)")
         self.gpu_indices = list(gpu_indices)
-        self._sync = torch.cuda.is_available()
+        self._sync = torch.cuda.is_available() if sync is None else sync
         self._opened: dict[str, float] = {}
 
     def begin(self, name: str) -> None:
