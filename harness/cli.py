@@ -48,8 +48,41 @@ def cmd_profile(args: argparse.Namespace) -> int:
         return 2
     from harness.summary import print_summary
 
-    print_summary(run_dir, _stdout_console())
+    console = _stdout_console()
+    print_summary(run_dir, console)
+    if not args.no_report:
+        from harness.report import render_report
+
+        console.print(f"report: {render_report([run_dir], run_dir / 'report.html')}")
     return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from harness.report import render_report
+
+    try:
+        out = render_report(args.runs, args.output, title=args.title)
+    except FileNotFoundError as err:
+        _err_console().print(f"[red]error:[/red] {escape(str(err))}")
+        return 2
+    print(f"report written to {out}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from harness.compare import CompareInputError, compare_runs, to_html, to_markdown
+
+    try:
+        result = compare_runs(args.baseline, args.current, args.max_slowdown, args.checks)
+    except CompareInputError as err:
+        _err_console().print(f"[red]error:[/red] {escape(str(err))}")
+        return 2
+    text = to_markdown(result) if args.format == "md" else to_html(result)
+    if args.output:
+        Path(args.output).write_text(text)
+    if args.format == "md" or not args.output:
+        print(text)
+    return 1 if result.regressed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,7 +98,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a profile value, e.g. --set generation.max_new_tokens=16 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-report", action="store_true", help="do not write report.html into the run directory")
     p.set_defaults(func=cmd_profile)
+
+    r = sub.add_parser("report", help="render one self-contained HTML report from run directories")
+    r.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    r.add_argument("-o", "--output", default="report.html", help="HTML file to write (default: report.html)")
+    r.add_argument("--title", default="Decoding benchmark report")
+    r.set_defaults(func=cmd_report)
+
+    c = sub.add_parser("compare", help="regression gate: compare a current run with a baseline run",
+                       description="Exit code 0: no regression; 1: regression; 2: bad input.")
+    c.add_argument("baseline", metavar="BASELINE_RUN")
+    c.add_argument("current", metavar="CURRENT_RUN")
+    c.add_argument("--max-slowdown", type=float, default=0.05,
+                   help="allowed slowdown (and energy increase) as a fraction (default 0.05)")
+    c.add_argument("--checks", choices=["all", "deterministic", "timing"], default="all",
+                   help="deterministic: tokens, acceptance counts, perplexity; timing: time and energy per token")
+    c.add_argument("--format", choices=["md", "html"], default="md")
+    c.add_argument("-o", "--output", help="also write the summary to this file")
+    c.set_defaults(func=cmd_compare)
     return parser
 
 

@@ -84,10 +84,18 @@ STEP_SCHEMA = pa.schema(
 )
 
 
+def _umask_mode() -> int:
+    # mkstemp creates 0600 files; give results the permissions a plain open() would.
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
     try:
+        os.chmod(tmp, _umask_mode())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -109,6 +117,7 @@ def _atomic_write_table(path: Path, rows: list[dict[str, Any]], schema: pa.Schem
     os.close(fd)
     try:
         pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,0 +1,212 @@
+"""``harness report``: one self-contained HTML file from one or more run directories."""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import numpy as np
+import pandas as pd
+
+from harness import figures, trace
+from harness.stats import NAN, Estimate, mean_ci, ratio_of_ratios_ci, ratio_of_sums_ci
+
+BASELINE = "sampling"
+
+
+@dataclass
+class RunData:
+    name: str
+    path: Path
+    info: dict[str, Any]
+    gens: pd.DataFrame
+    steps: pd.DataFrame
+    notes: list[str] = field(default_factory=list)
+
+
+def load_run(path: str | Path, name: str | None = None) -> RunData:
+    """Read a run directory; raise ``FileNotFoundError`` if it is not one."""
+    path = Path(path)
+    info = trace.read_run_json(path)
+    gens = trace.read_table(path, trace.GENERATIONS)
+    steps = trace.read_table(path, trace.STEPS)
+    return RunData(name or path.name, path, info, gens, steps)
+
+
+def _windows_by_label(info: dict[str, Any]) -> dict[str, tuple[float, int]]:
+    out: dict[str, tuple[float, int]] = {}
+    for w in info.get("energy_windows", []):
+        j, n = out.get(w["decoder_label"], (0.0, 0))
+        out[w["decoder_label"]] = (j + w["total_energy_j"], n + w["new_tokens"])
+    return out
+
+
+def _paired(a: pd.DataFrame, b: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """Rows of ``a`` and ``b`` matched on (prompt, repeat), or None if they don't match one to one."""
+    keys = ["prompt_id", "repeat"]
+    m = a.merge(b, on=keys, suffixes=("_a", "_b"))
+    if len(m) != len(a) or len(m) != len(b):
+        return None
+    return m
+
+
+def summarise(run: RunData, label_by_run: bool = False) -> pd.DataFrame:
+    """One row per decoder label: headline figures with 95% bootstrap CIs."""
+    gens = run.gens
+    rows = []
+    base = gens[gens.decoder == BASELINE]
+    windows = _windows_by_label(run.info)
+    base_label = base.decoder_label.iloc[0] if len(base) else None
+    if len(base) and base.decoder_label.nunique() > 1:
+        run.notes.append(f"several {BASELINE} settings; speedups are against {base_label!r}")
+        base = base[base.decoder_label == base_label]
+    for label, g in gens.groupby("decoder_label", sort=False):
+        tps = ratio_of_sums_ci(g.new_tokens.to_numpy(), g.time_s.to_numpy())
+        speedup = energy_ratio = NAN
+        if len(base):
+            pair = _paired(g, base)
+            if pair is not None:
+                speedup = ratio_of_ratios_ci(pair.new_tokens_a, pair.time_s_a, pair.new_tokens_b, pair.time_s_b,
+                                             paired=True)
+            else:
+                speedup = ratio_of_ratios_ci(g.new_tokens, g.time_s, base.new_tokens, base.time_s)
+        has_energy = g.gpu_energy_j.notna().all() and len(g) > 0
+        jpt = ratio_of_sums_ci(g.gpu_energy_j.to_numpy(), g.new_tokens.to_numpy()) if has_energy else NAN
+        if has_energy and len(base) and base.gpu_energy_j.notna().all():
+            energy_ratio = ratio_of_ratios_ci(g.gpu_energy_j, g.new_tokens, base.gpu_energy_j, base.new_tokens)
+        measured = windows.get(label)
+        row: dict[str, Any] = {
+            "run": run.name,
+            "label": label,
+            "series": f"{run.name} / {label}" if label_by_run else label,
+            "decoder": g.decoder.iloc[0],
+            "params": json.loads(g.params_json.iloc[0]),
+            "generations": len(g),
+            "new_tokens": int(g.new_tokens.sum()),
+            "energy_estimated": bool(g.energy_estimated.fillna(False).any()),
+            "measured_j_per_token": measured[0] / measured[1] if measured and measured[1] else float("nan"),
+        }
+        for key, est in {
+            "tokens_per_s": tps,
+            "speedup": speedup,
+            "ttft_ms": mean_ci(1e3 * g.ttft_s.to_numpy()),
+            "tpot_ms": mean_ci(1e3 * g.tpot_s.to_numpy(dtype=float)),
+            "j_per_token": jpt,
+            "energy_ratio": energy_ratio,
+            "accepted": mean_ci(g.mean_accepted.to_numpy()),
+            "tokens_per_iteration": ratio_of_sums_ci(g.new_tokens.to_numpy(), g.iterations.to_numpy()),
+            "ppl": mean_ci(g.output_ppl.to_numpy()),
+        }.items():
+            row[key], row[f"{key}_low"], row[f"{key}_high"] = est.value, est.low, est.high
+            row[f"{key}_est"] = est
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def diagnose(run: RunData) -> list[str]:
+    """What a reader should know is missing from a run (never a reason to crash)."""
+    notes = []
+    if run.gens.empty:
+        notes.append(f"run {run.name!r} holds no generations (was it interrupted before the first one finished?)")
+        return notes
+    if run.info.get("status") != "complete":
+        notes.append(f"run {run.name!r} is incomplete (status {run.info.get('status')!r}); "
+                     f"complete it with harness profile --resume")
+    if run.gens.gpu_energy_j.isna().all():
+        notes.append(f"run {run.name!r} has no energy measurements (run harness profile with --energy on a GPU)")
+    if run.gens.decoder_label.nunique() == 1:
+        notes.append(f"run {run.name!r} has a single decoder setting: nothing to compare it with")
+    if not (run.gens.decoder == BASELINE).any():
+        notes.append(f"run {run.name!r} has no {BASELINE} baseline: speedups and energy ratios are not available")
+    if any(w.get("short_window") for w in run.info.get("energy_windows", [])):
+        notes.append(f"run {run.name!r} has energy windows under 1 s: NVML's ~0.1 s counter makes them coarse")
+    return notes
+
+
+def _setup(run: RunData) -> dict[str, Any]:
+    info, env = run.info, run.info.get("environment", {})
+    prof = info.get("profile", {})
+    gpus = env.get("gpus") or []
+    return {
+        "name": run.name,
+        "path": str(run.path),
+        "target": prof.get("models", {}).get("target"),
+        "draft": prof.get("models", {}).get("draft"),
+        "dtype": info.get("model_info", {}).get("dtype"),
+        "device": info.get("model_info", {}).get("device"),
+        "gpu": ", ".join(f"{g.get('name')} (driver {g.get('driver', '?')}, limit {g.get('power_limit_w', '?')} W)"
+                         for g in gpus) or "none",
+        "cpu": env.get("cpu"),
+        "packages": ", ".join(f"{k} {v}" for k, v in (env.get("packages") or {}).items() if v),
+        "git": env.get("git_commit"),
+        "started": info.get("started"),
+        "ended": info.get("ended"),
+        "generation": prof.get("generation", {}),
+        "prompts": int(run.gens.prompt_id.nunique()) if len(run.gens) else 0,
+    }
+
+
+def render_report(run_dirs: list[str | Path], out: str | Path, title: str = "Decoding benchmark report") -> Path:
+    """Write one self-contained HTML report for ``run_dirs``; return its path."""
+    paths = [Path(p) for p in run_dirs]
+    names = [p.name for p in paths]
+    if len(set(names)) != len(names):  # same folder names in different places
+        names = [str(p) for p in paths]
+    runs = [load_run(p, n) for p, n in zip(paths, names, strict=True)]
+    multi = len(runs) > 1
+    notes = [n for r in runs for n in diagnose(r)]
+    summaries = [summarise(r, multi) for r in runs if not r.gens.empty]
+    for r in runs:
+        notes.extend(r.notes)
+    summary = pd.concat(summaries, ignore_index=True) if summaries else pd.DataFrame()
+    figs: dict[str, str | None] = {}
+    if not summary.empty:
+        def with_series(df: pd.DataFrame, run: RunData) -> pd.DataFrame:
+            return df.assign(series=[f"{run.name} / {x}" if multi else x for x in df.decoder_label])
+
+        gens = pd.concat([with_series(r.gens, r) for r in runs if not r.gens.empty], ignore_index=True)
+        steps_parts = [with_series(r.steps, r) for r in runs if not r.steps.empty]
+        steps = pd.concat(steps_parts, ignore_index=True) if steps_parts else pd.DataFrame()
+        figs = {
+            "Latency per token": figures.latency_distribution(gens),
+            "Energy per token": figures.energy_per_token(summary),
+            "Acceptance by draft position": figures.acceptance_by_position(gens),
+            "Speed vs quality": figures.speed_vs_quality(summary),
+            "Tokens per iteration": figures.tokens_per_iteration(steps),
+        }
+        missing = {"Energy per token": "no energy measurements in these runs",
+                   "Acceptance by draft position": "no assisted decoder in these runs",
+                   "Speed vs quality": "no perplexity figures",
+                   "Tokens per iteration": "no step records"}
+        figs = {k: (v if v is not None else {"missing": missing.get(k, "no data")}) for k, v in figs.items()}
+    env = jinja2.Environment(loader=jinja2.PackageLoader("harness", "templates"), autoescape=True,
+                             undefined=jinja2.StrictUndefined)
+    page = env.get_template("report.html.j2").render(
+        title=title,
+        generated=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        setups=[_setup(r) for r in runs],
+        rows=summary.to_dict("records") if not summary.empty else [],
+        notes=notes,
+        figures=figs,
+        multi=multi,
+        fmt=_fmt,
+        esc=html.escape,
+    )
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    trace.atomic_write_bytes(out, page.encode())
+    return out
+
+
+def _fmt(est: Estimate | float, spec: str = ".3g", suffix: str = "") -> str:
+    if isinstance(est, Estimate):
+        if not np.isfinite(est.value):
+            return "–"
+        ci = f" [{est.low:{spec}}, {est.high:{spec}}]" if np.isfinite(est.low) else ""
+        return f"{est.value:{spec}}{suffix}{ci}"
+    return f"{est:{spec}}{suffix}" if np.isfinite(est) else "–"
