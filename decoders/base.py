@@ -59,6 +59,7 @@ class GenerationOutput:
 
 
 StepCallback = Callable[[StepRecord], None]
+StopCheck = Callable[[list[int]], bool]
 
 
 @dataclass
@@ -68,6 +69,7 @@ class _Progress:
     max_new_tokens: int
     eos_ids: frozenset[int]
     on_step: StepCallback | None
+    should_stop: StopCheck | None = None
     tokens: list[int] = field(default_factory=list)
     steps: list[StepRecord] = field(default_factory=list)
     finished: bool = False
@@ -88,7 +90,7 @@ class _Progress:
                 self.finished = True
                 break
         self.tokens.extend(kept)
-        if self.remaining <= 0:
+        if self.remaining <= 0 or (self.should_stop is not None and kept and self.should_stop(self.tokens)):
             self.finished = True
         record = StepRecord(drafted=drafted, accepted=accepted, committed=len(kept))
         self.steps.append(record)
@@ -190,6 +192,7 @@ class Decoder(abc.ABC):
         generator: torch.Generator | None = None,
         eos_token_id: EosIds = None,
         on_step: StepCallback | None = None,
+        should_stop: StopCheck | None = None,
     ) -> GenerationOutput:
         """Generate up to ``max_new_tokens`` tokens after ``input_ids``.
 
@@ -201,6 +204,9 @@ class Decoder(abc.ABC):
             eos_token_id: token id(s) that end generation; the EOS token is kept.
             on_step: called after each step with its ``StepRecord`` (e.g. to time
                 the first token); it must not modify the decoder.
+            should_stop: called after each step with all tokens so far; returning
+                True ends generation after that step (e.g. a stop string appeared).
+                The step's tokens are kept whole; callers trim text themselves.
 
         Returns:
             ``GenerationOutput`` with the new tokens on CPU and one record per step.
@@ -215,7 +221,7 @@ class Decoder(abc.ABC):
         if generator is None:
             generator = torch.Generator()
             generator.seed()
-        progress = _Progress(max_new_tokens, _eos_set(eos_token_id), on_step)
+        progress = _Progress(max_new_tokens, _eos_set(eos_token_id), on_step, should_stop)
         counts = self._generate(input_ids.to(kv.device_of(self.target)), progress, generator)
         return GenerationOutput(
             tokens=torch.tensor(progress.tokens, dtype=torch.long),

@@ -85,6 +85,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 1 if result.regressed else 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from lm_eval.__main__ import cli_evaluate
+
+    import harness.lm_eval_hook  # noqa: F401  (registers the models even without the .pth file)
+
+    sys.argv = ["lm_eval", *args.lm_eval_args]
+    cli_evaluate()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="harness", description="Benchmark LLM decoding methods on speed, energy and output quality."
@@ -118,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--format", choices=["md", "html"], default="md")
     c.add_argument("-o", "--output", help="also write the summary to this file")
     c.set_defaults(func=cmd_compare)
+
+    e = sub.add_parser("eval", help="lm-evaluation-harness with this project's models (same flags as lm_eval)",
+                       description="Runs lm_eval with the sampling, specdecode and mtad models registered, "
+                                   "e.g. harness eval --model mtad --model_args pretrained=T,draft=D "
+                                   "--tasks harness_capitals --include_path tasks")
+    e.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="arguments for lm_eval")
+    e.set_defaults(func=cmd_eval)
     return parser
 
 

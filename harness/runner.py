@@ -70,7 +70,8 @@ def eos_ids(models: LoadedModels) -> list[int]:
 
 
 def timed_generate(
-    decoder: Decoder, prompt: Prompt, max_new_tokens: int, seed: int, eos: list[int], device: torch.device
+    decoder: Decoder, prompt: Prompt, max_new_tokens: int, seed: int, eos: list[int], device: torch.device,
+    should_stop=None,
 ) -> tuple[GenerationOutput, float, float]:
     """One generation; returns ``(output, time_s, ttft_s)``.
 
@@ -87,7 +88,8 @@ def timed_generate(
 
     _sync(device)
     start = time.perf_counter()
-    out = decoder.generate(input_ids, max_new_tokens, torch.Generator().manual_seed(seed), eos, on_first_step)
+    out = decoder.generate(input_ids, max_new_tokens, torch.Generator().manual_seed(seed), eos, on_first_step,
+                           should_stop)
     _sync(device)
     end = time.perf_counter()
     return out, end - start, first[0] - start

@@ -11,4 +11,6 @@ PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     "${PIP[@]}" install "torch==${TORCH_VERSION:-2.13.0}"
 fi
-"${PIP[@]}" install -e ".[test,lint]"
+# Not editable: a regular install places decoding_harness_lm_eval.pth in
+# site-packages, which lets the plain `lm_eval` command find our models.
+"${PIP[@]}" install ".[test,lint]"

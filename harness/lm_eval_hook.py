@@ -1,0 +1,89 @@
+"""Make ``lm_eval --model mtad|specdecode|sampling`` find this project's models.
+
+lm-eval 0.4.13 resolves ``--model NAME`` only against its own registry; entry
+points (group ``lm_eval.models``, which ``pyproject.toml`` also declares) came in
+a later release. So the installed ``decoding_harness_lm_eval.pth`` imports this
+module at interpreter start. It costs a few microseconds: it only appends a
+finder to ``sys.meta_path``. Nothing of lm-eval or of this project is imported
+until some program imports ``lm_eval.api.registry``; right after that module
+runs, the finder registers the three models there as lazy ``"module:Class"``
+placeholders, exactly as lm-eval registers its own.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import sys
+
+REGISTRY_MODULE = "lm_eval.api.registry"
+MODELS = {
+    "sampling": "harness.lm_eval_models:SamplingLM",
+    "specdecode": "harness.lm_eval_models:SpecDecodeLM",
+    "mtad": "harness.lm_eval_models:MTADLM",
+}
+#: Last lm-eval release without entry-point discovery of models.
+LAST_VERSION_WITHOUT_ENTRY_POINTS = (0, 4, 13)
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split(".")[:3]:
+        digits = "".join(c for c in piece if c.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def register(registry_module) -> None:
+    """Register the models in lm-eval's model registry (idempotent)."""
+    import lm_eval
+
+    if _version_tuple(lm_eval.__version__) > LAST_VERSION_WITHOUT_ENTRY_POINTS:
+        return  # lm-eval finds them through the entry points
+    # get_model() imports lm_eval.models only while the registry is empty;
+    # import it first so our entries never hide the built-in models.
+    import lm_eval.models  # noqa: F401
+
+    registry = registry_module.model_registry
+    for name, target in MODELS.items():
+        if name not in registry:
+            registry.register(name, target=target)
+
+
+class _RegisterAfterExec(importlib.abc.Loader):
+    def __init__(self, inner: importlib.abc.Loader) -> None:
+        self.inner = inner
+
+    def create_module(self, spec):
+        return self.inner.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self.inner.exec_module(module)
+        try:
+            register(module)
+        except Exception as err:  # never break lm-eval itself; say why our models are missing
+            print(f"decoding-harness: could not register lm-eval models: {err}", file=sys.stderr)
+
+
+class _Finder(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != REGISTRY_MODULE:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path, target)
+        if spec is None or spec.loader is None:
+            return None
+        spec.loader = _RegisterAfterExec(spec.loader)
+        return spec
+
+
+def install() -> None:
+    """Put the finder on ``sys.meta_path`` (once); register now if lm-eval is already loaded."""
+    if any(isinstance(f, _Finder) for f in sys.meta_path):
+        return
+    if REGISTRY_MODULE in sys.modules:
+        register(sys.modules[REGISTRY_MODULE])
+        return
+    sys.meta_path.insert(0, _Finder())
+
+
+install()
