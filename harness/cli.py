@@ -140,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["eval"] and not {"-h", "--help"} & set(argv[1:2]):
+        # argparse cannot pass option-like arguments through to lm_eval untouched.
+        return cmd_eval(argparse.Namespace(lm_eval_args=argv[1:]))
     args = build_parser().parse_args(argv)
     return args.func(args)
 
