@@ -119,3 +119,14 @@ def test_bad_model_args_are_clear():
         MTADLM(pretrained="builtin:tiny-random", draft="builtin:tiny-random-draft", gamma=0, device="cpu")
     with pytest.raises(ValueError, match="takes no draft"):
         SamplingLM(pretrained="builtin:tiny-random", draft="builtin:tiny-random-draft", device="cpu")
+
+
+@pytest.mark.slow
+def test_harness_eval_front_door(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness", "eval", "--model", "sampling", "--model_args", MODEL_ARGS["sampling"],
+         "--tasks", "harness_capitals", "--include_path", str(ROOT / "tasks"), "--limit", "1"],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "harness_capitals" in proc.stdout and "exact_match" in proc.stdout
