@@ -34,6 +34,7 @@ class CachedModel:
 
     def __init__(self, model: PreTrainedModel) -> None:
         self.model = model
+        self.device = device_of(model)
         self.cache = DynamicCache(config=model.config)
         self.forwards = 0
         # transformers renamed ``past_key_values`` to ``cache`` in late 5.x; use
@@ -55,13 +56,15 @@ class CachedModel:
                 skipping the head on a long prompt saves memory and time.
 
         Returns:
-            float32 logits of shape ``(batch, keep or n, vocab)``.
+            float32 logits of shape ``(batch, keep or n, vocab)``, on the device of
+            the model's input embeddings (a model split over GPUs computes its
+            head on the last one; decoders work where the inputs live).
         """
         n_keep = tokens.shape[1] if keep is None else keep
         kwargs = {self._cache_kwarg: self.cache}
         out = self.model(input_ids=tokens, use_cache=True, logits_to_keep=n_keep, **kwargs)
         self.forwards += 1
-        return out.logits[:, -n_keep:].float()
+        return out.logits[:, -n_keep:].to(self.device).float()
 
     def crop(self, length: int) -> None:
         """Drop cached positions from ``length`` on (rejected draft tokens)."""

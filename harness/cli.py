@@ -46,6 +46,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     except (RunDirError, EnergyUnavailableError, FileNotFoundError, ValueError, OSError) as err:
         console.print(f"[red]error:[/red] {escape(str(err))}")
         return 2
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun, rank 0 summarises the whole run
     from harness.summary import print_summary
 
     console = _stdout_console()

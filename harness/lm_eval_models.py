@@ -63,6 +63,7 @@ class _DecodingLM(HFLM):
         trace_dir: str | None = None,
         batch_size: int | str = 1,
         max_batch_size: int | None = None,
+        parallelize: bool = False,
         **kwargs: Any,
     ) -> None:
         known = decoder_params(self.decoder_name)
@@ -81,12 +82,14 @@ class _DecodingLM(HFLM):
             # lm_eval's CLI passes --device cuda:0 unless told otherwise; do as its HFLM does.
             print(f"{self.decoder_name}: no CUDA GPU, running on the CPU", file=sys.stderr)
             device = "cpu"
-        models = load_models(pretrained, draft, dtype=dtype, device=device or "auto")
+        # parallelize=True splits the target over all visible GPUs, as lm-eval's hf model does.
+        models = load_models(pretrained, draft, dtype=dtype, device=device or "auto",
+                             device_map="auto" if parallelize else None)
         super().__init__(pretrained=models.target, tokenizer=models.tokenizer, batch_size=batch_size,
                          max_batch_size=max_batch_size or 64, **kwargs)
         self.models = models
         self.seed = int(seed)
-        self.meter = EnergyMeter(gpu_indices_for([models.device])) if energy else None
+        self.meter = EnergyMeter(gpu_indices_for(models.devices)) if energy else None
         out = trace_dir or _output_path_from_argv(sys.argv)
         if out and not trace_dir:
             base = Path(out)

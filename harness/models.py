@@ -57,7 +57,13 @@ class LoadedModels:
     target_spec: str
     draft_spec: str | None
     dtype: torch.dtype
-    device: torch.device
+    device: torch.device  # where input ids go (the target's embeddings)
+
+    @property
+    def devices(self) -> list[torch.device]:
+        """Every device holding weights of the target or the draft."""
+        found = {p.device for m in (self.target, self.draft) if m is not None for p in m.parameters()}
+        return sorted(found, key=str)
 
 
 def _cache_dir() -> Path:
@@ -194,16 +200,26 @@ def _from_pretrained(loader, spec: str, resolved: ResolvedSpec, **kwargs):
 
 
 def load_model(
-    spec: str, *, dtype: str = "auto", device: str = "auto", base: PreTrainedModel | None = None
+    spec: str, *, dtype: str = "auto", device: str = "auto", base: PreTrainedModel | None = None,
+    device_map: str | None = None,
 ) -> PreTrainedModel:
     """Load one causal LM from ``spec`` in eval mode on ``device``.
 
-    ``base``: for a composed draft, its already-loaded base model (saves a second load).
+    Args:
+        base: for a composed draft, its already-loaded base model (saves a second load).
+        device_map: ``"auto"`` lets accelerate place the layers over all visible
+            GPUs (for a target larger than one GPU); ``device`` is then ignored.
     """
     dev = resolve_device(device)
     resolved = resolve_spec(spec)
     if spec in COMPOSED_DRAFTS:
         return compose_draft(resolved.folder, base or load_model(COMPOSED_DRAFTS[spec], dtype=dtype, device=device))
+    if device_map is not None:
+        if device_map != "auto":
+            raise ValueError(f"device_map must be 'auto' or None, got {device_map!r}")
+        model = _from_pretrained(AutoModelForCausalLM, spec, resolved, dtype=resolve_dtype(dtype, dev),
+                                 device_map="auto")
+        return model.eval()
     model = _from_pretrained(AutoModelForCausalLM, spec, resolved, dtype=resolve_dtype(dtype, dev))
     return model.to(dev).eval()
 
@@ -215,9 +231,13 @@ def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
 
 
 def load_models(
-    target: str, draft: str | None = None, *, dtype: str = "auto", device: str = "auto", tokenizer: str | None = None
+    target: str, draft: str | None = None, *, dtype: str = "auto", device: str = "auto", tokenizer: str | None = None,
+    device_map: str | None = None,
 ) -> LoadedModels:
     """Load a target, an optional draft and the tokenizer (the target's by default).
+
+    With ``device_map="auto"`` the target is split over all visible GPUs by
+    accelerate and the draft goes where the target's embeddings are (the first GPU).
 
     Raises:
         FileNotFoundError: a local path or GGUF file does not exist.
@@ -230,7 +250,10 @@ def load_models(
     resolve_spec(target)
     if draft is not None:
         resolve_spec(draft)
-    target_model = load_model(target, dtype=dtype, device=device)
+    target_model = load_model(target, dtype=dtype, device=device, device_map=device_map)
+    if device_map is not None:  # the draft lives with the target's inputs
+        dev = target_model.get_input_embeddings().weight.device
+        device = str(dev)
     base = target_model if draft is not None and COMPOSED_DRAFTS.get(draft) == target else None
     draft_model = load_model(draft, dtype=dtype, device=device, base=base) if draft is not None else None
     if draft_model is not None and vocab_size(draft_model) != vocab_size(target_model):

@@ -42,6 +42,7 @@ class ModelsSpec:
     draft: str | None = None
     dtype: str = "auto"
     device: str = "auto"
+    device_map: str | None = None  # "auto": accelerate splits the target over all visible GPUs
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,8 @@ class Profile:
 
 _SECTIONS = {"name": str, "models": ModelsSpec, "prompts": PromptsSpec, "generation": GenerationSpec, "decoders": list}
 _TYPES = {
-    ModelsSpec: {"target": str, "draft": (str, type(None)), "dtype": str, "device": str},
+    ModelsSpec: {"target": str, "draft": (str, type(None)), "dtype": str, "device": str,
+                 "device_map": (str, type(None))},
     PromptsSpec: {
         "items": list, "file": (str, type(None)), "field": str, "id_field": (str, type(None)),
         "limit": (int, type(None)), "chat_template": bool, "system": (str, type(None)),
@@ -199,6 +201,8 @@ def parse_profile(raw: object, source: str = "<profile>", base_dir: str = ".") -
     if models is not None:
         if "target" not in models and "models.target" not in " ".join(problems):
             problems.append("models.target: required (a folder, a .gguf file, a hub id or builtin:NAME)")
+        if models.get("device_map") not in (None, "auto"):
+            problems.append(f"models.device_map: only 'auto' (or null) is supported, got {models['device_map']!r}")
         if models.get("dtype", "auto") not in _DTYPES:
             problems.append(f"models.dtype: must be one of {', '.join(_DTYPES)}, got {models['dtype']!r}")
         needs_draft = [d.label for d in decoders if decoder_class(d.name).needs_draft]

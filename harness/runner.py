@@ -28,8 +28,9 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from decoders import Decoder, GenerationOutput, get_decoder
+from decoders import Decoder, GenerationOutput, decoder_class, get_decoder
 from harness import trace
+from harness.distributed import Ranks, init_ranks, shutdown
 from harness.energy import EnergyMeter, EnergyWindow, gpu_indices_for, share_by_time
 from harness.models import LoadedModels, load_models, resolve_device
 from harness.profile_spec import DecoderSpec, Profile
@@ -160,8 +161,8 @@ def _progress() -> Progress:
 class RunRecord:
     """``run.json``: written at the start, after every sweep, and at the end."""
 
-    def __init__(self, run_dir: Path, data: dict[str, Any]) -> None:
-        self.path = run_dir / trace.RUN_JSON
+    def __init__(self, run_dir: Path, data: dict[str, Any], name: str = trace.RUN_JSON) -> None:
+        self.path = run_dir / name
         self.data = data
         self.save()
 
@@ -235,6 +236,9 @@ def run_profile(
 ) -> Path:
     """Run every decoder of ``profile`` over its prompts; return the run directory.
 
+    Under torchrun each rank runs its share of the (decoder, prompt, repeat)
+    cells and writes its own part files; rank 0 writes run.json.
+
     Args:
         profile: a validated profile.
         run_dir: where traces go (default ``default_run_dir(profile)``).
@@ -243,90 +247,128 @@ def run_profile(
         show_progress: draw a progress bar.
         meter: an energy meter to use instead of building one (tests inject one).
     """
+    ranks = init_ranks()
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(profile)
     previous = prepare_run_dir(profile, run_dir, resume)
-    device = resolve_device(profile.models.device)
-    if energy and meter is None:
-        meter = EnergyMeter(gpu_indices_for([device]))  # before the (slow) model load
-    models = load_models(
-        profile.models.target, profile.models.draft, dtype=profile.models.dtype, device=profile.models.device
-    )
+    ranks.barrier()  # every rank has checked the folder before rank 0 writes to it
+    device = ranks.device(profile.models.device)
+    if energy and meter is None:  # before the (slow) model load
+        meter = EnergyMeter(gpu_indices_for([resolve_device(device)]))
+    models = load_models(profile.models.target, profile.models.draft, dtype=profile.models.dtype, device=device,
+                         device_map=profile.models.device_map)
+    if energy and meter is not None and profile.models.device_map:
+        meter = EnergyMeter(gpu_indices_for(models.devices))  # every GPU the split target uses
     prompts = tokenize_prompts(profile.prompts, profile.base_dir, models.tokenizer)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if previous is not None:
-        trace.drop_orphan_steps(run_dir)
-    record = RunRecord(run_dir, {
-        "run_id": (previous or {}).get("run_id") or f"{profile.name}-{profile.fingerprint()}-{int(time.time())}",
-        "status": "running",
-        "fingerprint": profile.fingerprint(),
-        "profile": profile.to_dict(),
-        "energy": bool(meter),
-        "started": (previous or {}).get("started") or _now(),
-        "resumed": [*(previous or {}).get("resumed", []), _now()] if previous else [],
-        "ended": None,
-        "environment": environment([models.device]),
-        "model_info": {"dtype": str(models.dtype).removeprefix("torch."), "device": str(models.device),
-                       "target_params": models.target.num_parameters(),
-                       "draft_params": models.draft.num_parameters() if models.draft is not None else None},
-        "energy_windows": (previous or {}).get("energy_windows", []),
-    })
+    if ranks.is_main:
+        if previous is not None:
+            trace.drop_orphan_steps(run_dir)
+        record = _start_record(run_dir, profile, previous, models, meter, ranks)
+    ranks.barrier()
+    if not ranks.is_main:  # the same run_id everywhere; windows go to a per-rank file
+        data = trace.read_run_json(run_dir)
+        record = RunRecord(run_dir, {"run_id": data["run_id"], "rank": ranks.rank, "energy_windows": []},
+                           name=f"rank-{ranks.rank}.json")
     ctx = {
         "run_id": record.data["run_id"],
         "target_model": profile.models.target,
         "draft_model": profile.models.draft,
         "device": str(models.device),
-        "dtype": record.data["model_info"]["dtype"],
+        "dtype": str(models.dtype).removeprefix("torch."),
     }
     done_table = trace.read_table(run_dir)
     done = set(zip(done_table.decoder_label, done_table.prompt_id, done_table.repeat, strict=True))
-    attempts = done_table.groupby("decoder_label").sweep.nunique().to_dict() if len(done_table) else {}
-    eos = eos_ids(models)
     gen = profile.generation
-    plan = [
-        (spec, [(i, p, r) for i, p in enumerate(prompts) for r in range(gen.repeats)
-                if (spec.label, p.prompt_id, r) not in done])
-        for spec in profile.decoders
-    ]
-    total = sum(len(todo) for _, todo in plan)
-    with _progress() if show_progress else _NoProgress() as bar:
-        task = bar.add_task("profile", total=total, tps="-")
+    cells = [(spec, i, p, r) for spec in profile.decoders for i, p in enumerate(prompts) for r in range(gen.repeats)]
+    mine = [c for n, c in enumerate(cells) if ranks.owns(n) and (c[0].label, c[2].prompt_id, c[3]) not in done]
+    plan = [(spec, [(i, p, r) for s, i, p, r in mine if s.label == spec.label]) for spec in profile.decoders]
+    eos = eos_ids(models)
+    with _progress() if show_progress and ranks.is_main else _NoProgress() as bar:
+        task = bar.add_task("profile", total=len(mine), tps="-")
         for k, (spec, todo) in enumerate(plan):
             if not todo:
                 continue
-            draft = models.draft if spec.name != "sampling" else None
-            decoder = get_decoder(spec.name, target=models.target, draft=draft, **spec.params)
-            bar.update(task, description=spec.label)
-            for w in range(gen.warmup):  # kept out of the numbers and the energy window
-                decoder.generate(prompts[0].input_ids.to(models.device), gen.max_new_tokens,
-                                 torch.Generator().manual_seed(w), eos)
-            sweep = f"{k:02d}-{spec.label}-a{attempts.get(spec.label, 0)}"
-            writer = trace.SweepWriter(run_dir, sweep)
-            times: list[float] = []
-            tokens = 0
-            with _energy_window(meter, sweep) as window:
-                for index, prompt, repeat in todo:
-                    seed = generation_seed(gen.seed, prompt.prompt_id, repeat)
-                    out, time_s, ttft_s = timed_generate(decoder, prompt, gen.max_new_tokens, seed, eos, models.device)
-                    ppl = output_perplexity(models.target, prompt.input_ids, out.tokens)
-                    text = models.tokenizer.decode(out.tokens, skip_special_tokens=True)
-                    row = generation_row({**ctx, "sweep": sweep}, spec, decoder, prompt, index, repeat, seed,
-                                         out, time_s, ttft_s, ppl, text, eos)
-                    steps = [{"run_id": ctx["run_id"], "sweep": sweep, "decoder_label": spec.label,
-                              "prompt_id": prompt.prompt_id, "repeat": repeat, "step": j, **asdict(s)}
-                             for j, s in enumerate(out.steps)]
-                    writer.add(row, steps)
-                    times.append(time_s)
-                    tokens += len(out.tokens)
-                    bar.update(task, advance=1, tps=f"{tokens / sum(times):.1f}")
-            if window:
-                for row, joules in zip(writer.generations, share_by_time(window[0], times), strict=True):
-                    row.update(gpu_energy_j=joules, energy_per_token_j=joules / max(row["new_tokens"], 1),
-                               energy_estimated=True)
-                writer.flush_generations()
-                record.add_window(sweep, spec.label, window[0], times, tokens)
-    record.data.update(status="complete", ended=_now())
-    record.save()
+            tag = f"-r{ranks.rank}" if ranks.distributed else ""
+            earlier = {s for s in done_table.sweep[done_table.decoder_label == spec.label] if tag in s}
+            sweep = f"{k:02d}-{spec.label}{tag}-a{len(earlier)}"
+            _run_sweep(spec, todo, sweep, models, prompts, gen, eos, ctx, run_dir, meter, record, bar, task)
+    ranks.barrier()  # every rank's rows are on disk
+    if ranks.is_main:
+        _merge_rank_records(run_dir, record, ranks)
+        record.data.update(status="complete", ended=_now())
+        record.save()
+    shutdown(ranks)
     return run_dir
+
+
+def _run_sweep(spec, todo, sweep, models, prompts, gen, eos, ctx, run_dir, meter, record, bar, task) -> None:
+    """One decoder setting over its (prompt, repeat) cells, inside one energy window."""
+    draft = models.draft if decoder_class(spec.name).needs_draft else None
+    decoder = get_decoder(spec.name, target=models.target, draft=draft, **spec.params)
+    bar.update(task, description=spec.label)
+    for w in range(gen.warmup):  # kept out of the numbers and the energy window
+        decoder.generate(prompts[0].input_ids.to(models.device), gen.max_new_tokens,
+                         torch.Generator().manual_seed(w), eos)
+    writer = trace.SweepWriter(run_dir, sweep)
+    times: list[float] = []
+    tokens = 0
+    with _energy_window(meter, sweep) as window:
+        for index, prompt, repeat in todo:
+            seed = generation_seed(gen.seed, prompt.prompt_id, repeat)
+            out, time_s, ttft_s = timed_generate(decoder, prompt, gen.max_new_tokens, seed, eos, models.device)
+            ppl = output_perplexity(models.target, prompt.input_ids, out.tokens)
+            text = models.tokenizer.decode(out.tokens, skip_special_tokens=True)
+            row = generation_row({**ctx, "sweep": sweep}, spec, decoder, prompt, index, repeat, seed,
+                                 out, time_s, ttft_s, ppl, text, eos)
+            steps = [{"run_id": ctx["run_id"], "sweep": sweep, "decoder_label": spec.label,
+                      "prompt_id": prompt.prompt_id, "repeat": repeat, "step": j, **asdict(s)}
+                     for j, s in enumerate(out.steps)]
+            writer.add(row, steps)
+            times.append(time_s)
+            tokens += len(out.tokens)
+            bar.update(task, advance=1, tps=f"{tokens / sum(times):.1f}")
+    if window:
+        for row, joules in zip(writer.generations, share_by_time(window[0], times), strict=True):
+            row.update(gpu_energy_j=joules, energy_per_token_j=joules / max(row["new_tokens"], 1),
+                       energy_estimated=True)
+        writer.flush_generations()
+        record.add_window(sweep, spec.label, window[0], times, tokens)
+
+
+def _start_record(run_dir, profile, previous, models, meter, ranks) -> RunRecord:
+    prev = previous or {}
+    return RunRecord(run_dir, {
+        "run_id": prev.get("run_id") or f"{profile.name}-{profile.fingerprint()}-{int(time.time())}",
+        "status": "running",
+        "fingerprint": profile.fingerprint(),
+        "profile": profile.to_dict(),
+        "energy": bool(meter),
+        "world_size": ranks.world_size,
+        "started": prev.get("started") or _now(),
+        "resumed": [*prev.get("resumed", []), _now()] if previous else [],
+        "ended": None,
+        "environment": environment(models.devices),
+        "model_info": {"dtype": str(models.dtype).removeprefix("torch."), "device": str(models.device),
+                       "device_map": getattr(models.target, "hf_device_map", None),
+                       "target_params": models.target.num_parameters(),
+                       "draft_params": models.draft.num_parameters() if models.draft is not None else None},
+        "energy_windows": prev.get("energy_windows", []),
+    })
+
+
+def _merge_rank_records(run_dir: Path, record: RunRecord, ranks: Ranks) -> None:
+    """Fold the other ranks' energy windows into run.json, with per-rank totals."""
+    windows = [{**w, "rank": w.get("rank", 0)} for w in record.data.get("energy_windows", [])]
+    for path in sorted(run_dir.glob("rank-*.json")):
+        extra = json.loads(path.read_text())
+        seen = {w["sweep"] for w in windows}
+        windows += [{**w, "rank": extra["rank"]} for w in extra.get("energy_windows", []) if w["sweep"] not in seen]
+    record.data["energy_windows"] = windows
+    per_rank: dict[int, float] = {}
+    for w in windows:
+        per_rank[w["rank"]] = per_rank.get(w["rank"], 0.0) + w["total_energy_j"]
+    record.data["energy_by_rank_j"] = {str(r): j for r, j in sorted(per_rank.items())}
+    record.data["world_size"] = max(ranks.world_size, record.data.get("world_size", 1))
 
 
 class _NoProgress:

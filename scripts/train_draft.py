@@ -163,7 +163,7 @@ def main():
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--time-budget-s", type=float, default=480, help="stop training past this many seconds from the start")
+    ap.add_argument("--time-budget-s", type=float, default=480, help="stop training this long after the start")
     args = ap.parse_args()
     t_start = time.time()
     rng = random.Random(args.seed)
