@@ -99,6 +99,24 @@ class _Progress:
         return len(kept)
 
 
+def commit_block(
+    progress: _Progress, seq: torch.Tensor, drafts: torch.Tensor, n: int, extra: torch.Tensor, drafted: int,
+    target: kv.CachedModel, draft: kv.CachedModel,
+) -> torch.Tensor:
+    """Commit ``drafts[:n]`` plus the ``extra`` token and crop both caches to match.
+
+    The target cache keeps the committed prefix up to ``x_n`` (the extra token is
+    fed next step); the draft cache never held more than the drafts it was fed.
+    Returns the sequence (prompt + committed tokens) extended by the new tokens.
+    """
+    new = torch.cat([drafts[:n], extra.view(1)])
+    progress.commit(new.tolist(), drafted=drafted, accepted=n)
+    old_len = seq.shape[0]
+    target.crop(old_len + n)
+    draft.crop(min(draft.length, old_len + n))
+    return torch.cat([seq, new])
+
+
 def _eos_set(eos_token_id: EosIds) -> frozenset[int]:
     if eos_token_id is None:
         return frozenset()

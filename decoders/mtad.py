@@ -13,7 +13,7 @@ import math
 import torch
 
 from decoders import probs as P
-from decoders.base import Decoder, _Progress, check_float, check_int
+from decoders.base import Decoder, _Progress, check_float, check_int, commit_block
 from decoders.kv import CachedModel
 
 
@@ -135,12 +135,7 @@ class MTADDecoder(Decoder):
             p = P.filtered_probs(target(tail.view(1, -1), keep=g + 1)[0], *filt)
             # 5. Longest prefix passing the joint-likelihood test (no random draw).
             n = mtad_accept_length(P.log_probs_of(p[:g], drafts), log_q, self.accept_thres) if g else 0
-            # 6. Commit x_1..x_n plus one token drawn from p_{n+1} directly (no residual).
-            extra = P.sample(p[n], generator)
-            new = torch.cat([drafts[:n], extra.view(1)])
-            progress.commit(new.tolist(), drafted=g, accepted=n)
-            old_len = seq.shape[0]
-            seq = torch.cat([seq, new])
-            target.crop(old_len + n)
-            draft.crop(min(draft.length, old_len + n))
+            # 6. Commit x_1..x_n plus one token drawn from p_{n+1} directly (no residual);
+            # crop the target cache to the committed prefix, the draft's to the kept beam's.
+            seq = commit_block(progress, seq, drafts, n, P.sample(p[n], generator), g, target, draft)
         return target.forwards, draft.forwards

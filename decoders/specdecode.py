@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from decoders import probs as P
-from decoders.base import Decoder, _Progress, check_int
+from decoders.base import Decoder, _Progress, check_int, commit_block
 from decoders.kv import CachedModel
 
 
@@ -93,12 +93,6 @@ class SpeculativeDecoder(Decoder):
                 n, dist = speculative_accept(p, torch.stack(q), drafts_t, P.uniform((g,), generator, device))
             else:
                 n, dist = 0, p[0]
-            extra = P.sample(dist, generator)
-            new = torch.cat([drafts_t[:n], extra.view(1)])
-            progress.commit(new.tolist(), drafted=g, accepted=n)
-            # 5. Crop both caches to the committed prefix (the extra token is fed next step).
-            old_len = seq.shape[0]
-            seq = torch.cat([seq, new])
-            target.crop(old_len + n)
-            draft.crop(min(draft.length, old_len + n))
+            # 5. Commit, and crop both caches to the committed prefix.
+            seq = commit_block(progress, seq, drafts_t, n, P.sample(dist, generator), g, target, draft)
         return target.forwards, draft.forwards

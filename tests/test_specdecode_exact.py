@@ -69,6 +69,7 @@ def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
     keep = exp > 0
     if obs[~keep].sum() > 0:  # a sample in a zero-probability cell: impossible
         return 0.0
+    assert int(keep.sum()) >= 5, "too few cells for a meaningful test: the models are too peaked"
     return float(chisquare(obs[keep].numpy(), exp[keep].numpy()).pvalue)
 
 
