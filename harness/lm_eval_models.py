@@ -18,8 +18,10 @@ given ``--output_path``).
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +80,17 @@ class _DecodingLM(HFLM):
         if str(batch_size) not in ("1", "auto"):
             print(f"{self.decoder_name}: decoding runs one request at a time; batch_size {batch_size} "
                   "applies to log-likelihood requests only", file=sys.stderr)
+        accelerator = None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # Data parallel (accelerate launch / torchrun): lm-eval shards requests by
+            # rank; each process decodes its share on its own device.
+            from accelerate import Accelerator
+            from accelerate.utils import InitProcessGroupKwargs
+
+            accelerator = Accelerator(cpu=not torch.cuda.is_available(),  # gloo between CPU processes
+                                      kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(weeks=52))])
+            if not parallelize:
+                device = str(accelerator.device)
         if device and device.startswith("cuda") and not torch.cuda.is_available():
             # lm_eval's CLI passes --device cuda:0 unless told otherwise; do as its HFLM does.
             print(f"{self.decoder_name}: no CUDA GPU, running on the CPU", file=sys.stderr)
@@ -87,6 +100,11 @@ class _DecodingLM(HFLM):
                              device_map="auto" if parallelize else None)
         super().__init__(pretrained=models.target, tokenizer=models.tokenizer, batch_size=batch_size,
                          max_batch_size=max_batch_size or 64, **kwargs)
+        if accelerator is not None:
+            # HFLM treats a ready-made model as single-process; restore the real topology.
+            self.accelerator = accelerator
+            self._rank = accelerator.process_index
+            self._world_size = accelerator.num_processes
         self.models = models
         self.seed = int(seed)
         self.meter = EnergyMeter(gpu_indices_for(models.devices)) if energy else None
@@ -94,7 +112,12 @@ class _DecodingLM(HFLM):
         if out and not trace_dir:
             base = Path(out)
             base = base.parent if base.suffix == ".json" else base
-            out = str(base / "decoding-traces" / f"{self.decoder_name}-{time.strftime('%Y%m%dT%H%M%S')}")
+            stamp = [time.strftime("%Y%m%dT%H%M%S")]
+            if accelerator is not None:  # every rank writes into rank 0's folder
+                from accelerate.utils import broadcast_object_list
+
+                broadcast_object_list(stamp, from_process=0)
+            out = str(base / "decoding-traces" / f"{self.decoder_name}-{stamp[0]}")
         self.trace_dir = Path(out) if out else None
         self._calls = 0
         self._record: RunRecord | None = None
@@ -126,7 +149,7 @@ class _DecodingLM(HFLM):
         eos = eos_ids(self.models)
         device = self.models.device
         self._calls += 1
-        sweep = f"{self._calls:02d}-{self.decoder_name}"
+        sweep = f"{self._calls:02d}-{self.decoder_name}" + (f"-r{self.rank}" if self.world_size > 1 else "")
         writer = trace.SweepWriter(self.trace_dir, sweep) if self.trace_dir else None
         if writer is not None and self._record is None:
             self._record = self._start_record()
@@ -199,13 +222,14 @@ class _DecodingLM(HFLM):
             "generation": {"max_new_tokens": None, "repeats": 1, "warmup": 0, "seed": self.seed},
             "decoders": [{"name": self.decoder_name, "label": self.decoder_name, "params": self.decoder_kwargs}],
         }
+        name = trace.RUN_JSON if self.rank == 0 else f"rank-{self.rank}.json"
         return RunRecord(self.trace_dir, {
             "run_id": f"lm_eval-{self.decoder_name}-{int(time.time())}", "status": "running", "source": "lm_eval",
             "command": sys.argv, "fingerprint": None, "profile": profile, "energy": self.meter is not None,
             "started": _now(), "ended": None, "environment": environment([self.models.device]),
             "model_info": {"dtype": profile["models"]["dtype"], "device": profile["models"]["device"]},
-            "energy_windows": [],
-        })
+            "energy_windows": [], "rank": self.rank, "world_size": self.world_size,
+        }, name=name)
 
     def get_model_info(self) -> dict:
         return {"decoder": self.decoder_name, "decoder_params": self.decoder_kwargs,

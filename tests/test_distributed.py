@@ -106,3 +106,23 @@ def test_killed_rank_is_completed_by_rerunning_the_same_command(single_run, tmp_
     assert again.returncode == 0, err[-3000:]
     assert tokens_by_key(run_dir) == single_run
     assert json.loads((run_dir / "run.json").read_text())["status"] == "complete"
+
+
+def test_lm_eval_data_parallel_splits_requests(tmp_path):
+    """torchrun -m lm_eval --model mtad: each request is decoded once, by one rank."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1"}
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+         str(29700 + os.getpid() % 1000), "-m", "lm_eval", "--model", "mtad", "--model_args",
+         "pretrained=builtin:tiny-random,draft=builtin:tiny-random-draft", "--tasks", "harness_capitals",
+         "--include_path", str(ROOT / "tasks"), "--limit", "4", "--output_path", str(out)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(next(out.rglob("results_*.json")).read_text())
+    assert results["n-samples"]["harness_capitals"]["effective"] == 4
+    gens = pd.read_parquet(next((out / "decoding-traces").iterdir()) / "generations.parquet")
+    assert sorted(gens.prompt_id) == [f"harness_capitals/{i}" for i in range(4)]
+    assert {s.rsplit("-", 1)[1] for s in gens.sweep} == {"r0", "r1"}
