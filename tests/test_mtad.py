@@ -92,3 +92,18 @@ def test_mtad_raises_output_likelihood_over_sampling():
         ll_sampling, ll_mtad = (mean_target_loglik(target, prompt, o.tokens) for o in outs)
         diffs.append(ll_mtad - ll_sampling)
     assert wilcoxon(diffs, alternative="greater").pvalue < 1e-3, diffs
+
+
+@pytest.mark.parametrize("replacement", [False, True])
+def test_perfect_draft_at_temperature_one_accepts_every_block(tiny, prompt, replacement):
+    """With draft == target, q equals p on the kept beam, so every joint ratio is 1 > tau.
+
+    This holds only if the draft cache follows the beams (reordered by parent at
+    every depth, then reduced to the kept beam): a stale cache row gives the kept
+    beam a q computed on another beam's history, and blocks get rejected.
+    """
+    dec = get_decoder("mtad", target=tiny.target, draft=tiny.target, gamma=4, beam_width=4,
+                      replacement=replacement)  # reference filters: T=1, top-k 10, top-p 0.9
+    for seed in range(5):
+        out = dec.generate(prompt, max_new_tokens=40, generator=torch.Generator().manual_seed(seed))
+        assert all(s.accepted == s.drafted for s in out.steps), [(s.drafted, s.accepted) for s in out.steps]
