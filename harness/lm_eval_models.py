@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from decoders import decoder_class, decoder_params, get_decoder
 from harness import trace
-from harness.energy import EnergyMeter, gpu_indices_for, share_by_time
+from harness.energy import EnergyMeter, gpu_indices_for
 from harness.models import load_models, resolve_spec
 from harness.profile_spec import DecoderSpec
 from harness.prompts import Prompt
@@ -158,7 +158,7 @@ class _DecodingLM(HFLM):
         writer = trace.SweepWriter(self.trace_dir, sweep) if self.trace_dir else None
         if writer is not None and self._record is None:
             self._record = self._start_record()
-        results, times = [], []
+        results = []
         if self.meter:
             self.meter.begin(sweep)
         try:
@@ -179,18 +179,13 @@ class _DecodingLM(HFLM):
                                                      self._stop_check(until))
                 text = postprocess_generated_text(self.tok_decode(out.tokens.tolist()), until, None)
                 results.append(text)
-                times.append(time_s)
                 self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
                 if writer is not None:
                     ppl = output_perplexity(self.models.target, prompt.input_ids, out.tokens)
                     spec = DecoderSpec(self.decoder_name, self.decoder_name, decoder.params)
                     row = generation_row(self._ctx(sweep), spec, decoder, prompt, index, 0, seed, out, time_s,
                                          ttft_s, ppl, text, eos)
-                    steps = [{"run_id": self._record.data["run_id"], "sweep": sweep,
-                              "decoder_label": self.decoder_name, "prompt_id": pid, "repeat": 0, "step": j,
-                              "drafted": s.drafted, "accepted": s.accepted, "committed": s.committed}
-                             for j, s in enumerate(out.steps)]
-                    writer.add(row, steps)
+                    writer.add(row, out.steps)
         except BaseException:
             if self.meter:
                 self.meter.cancel(sweep)
@@ -200,12 +195,7 @@ class _DecodingLM(HFLM):
             print(f"{self.decoder_name}: {window.total_j:.1f} J over {window.time_s:.2f} s "
                   f"({window.mean_power_w:.0f} W)", file=sys.stderr)
             if writer is not None:
-                for row, joules in zip(writer.generations, share_by_time(window, times), strict=True):
-                    row.update(gpu_energy_j=joules, energy_per_token_j=joules / max(row["new_tokens"], 1),
-                               energy_estimated=True)
-                writer.flush_generations()
-                tokens = sum(r["new_tokens"] for r in writer.generations)
-                self._record.add_window(sweep, self.decoder_name, window, times, tokens)
+                self._record.add_window(writer, self.decoder_name, window)
         if self._record is not None:
             self._record.data.update(status="complete", ended=_now())
             self._record.save()

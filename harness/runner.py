@@ -13,7 +13,6 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -169,16 +168,19 @@ class RunRecord:
     def save(self) -> None:
         trace.atomic_write_json(self.path, self.data)
 
-    def add_window(self, sweep: str, label: str, window: EnergyWindow, times_s: list[float], tokens: int) -> None:
+    def add_window(self, writer: trace.SweepWriter, label: str, window: EnergyWindow) -> None:
+        """Share ``window`` out over the sweep's generations by time, and record it."""
+        writer.set_energy(share_by_time(window, writer.times_s))
+        tokens = writer.new_tokens
         self.data.setdefault("energy_windows", []).append(
             {
-                "sweep": sweep,
+                "sweep": writer.sweep,
                 "decoder_label": label,
                 "time_s": window.time_s,
                 "gpu_energy_j": {str(k): v for k, v in window.gpu_energy_j.items()},
                 "total_energy_j": window.total_j,
                 "mean_power_w": window.mean_power_w,
-                "generation_time_s": sum(times_s),
+                "generation_time_s": sum(writer.times_s),
                 "new_tokens": tokens,
                 "energy_per_token_j": window.total_j / tokens if tokens else None,
                 "monitor_overhead_s": window.overhead_s,
@@ -315,8 +317,6 @@ def _run_sweep(spec, todo, sweep, models, prompts, gen, eos, ctx, run_dir, meter
         decoder.generate(prompts[0].input_ids.to(models.device), gen.max_new_tokens,
                          torch.Generator().manual_seed(w), eos)
     writer = trace.SweepWriter(run_dir, sweep)
-    times: list[float] = []
-    tokens = 0
     with _energy_window(meter, sweep) as window:
         for index, prompt, repeat in todo:
             seed = generation_seed(gen.seed, prompt.prompt_id, repeat)
@@ -325,19 +325,10 @@ def _run_sweep(spec, todo, sweep, models, prompts, gen, eos, ctx, run_dir, meter
             text = models.tokenizer.decode(out.tokens, skip_special_tokens=True)
             row = generation_row({**ctx, "sweep": sweep}, spec, decoder, prompt, index, repeat, seed,
                                  out, time_s, ttft_s, ppl, text, eos)
-            steps = [{"run_id": ctx["run_id"], "sweep": sweep, "decoder_label": spec.label,
-                      "prompt_id": prompt.prompt_id, "repeat": repeat, "step": j, **asdict(s)}
-                     for j, s in enumerate(out.steps)]
-            writer.add(row, steps)
-            times.append(time_s)
-            tokens += len(out.tokens)
-            bar.update(task, advance=1, tps=f"{tokens / sum(times):.1f}")
+            writer.add(row, out.steps)
+            bar.update(task, advance=1, tps=f"{writer.new_tokens / sum(writer.times_s):.1f}")
     if window:
-        for row, joules in zip(writer.generations, share_by_time(window[0], times), strict=True):
-            row.update(gpu_energy_j=joules, energy_per_token_j=joules / max(row["new_tokens"], 1),
-                       energy_estimated=True)
-        writer.flush_generations()
-        record.add_window(sweep, spec.label, window[0], times, tokens)
+        record.add_window(writer, spec.label, window[0])
 
 
 def _start_record(run_dir, profile, previous, models, meter, ranks) -> RunRecord:

@@ -18,12 +18,16 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from decoders import StepRecord
 
 GENERATIONS = "generations.parquet"
 STEPS = "steps.parquet"
@@ -134,13 +138,29 @@ class SweepWriter:
         self.generations: list[dict[str, Any]] = []
         self.steps: list[dict[str, Any]] = []
 
-    def add(self, generation: dict[str, Any], steps: list[dict[str, Any]]) -> None:
+    def add(self, generation: dict[str, Any], steps: Sequence[StepRecord]) -> None:
+        """Write one generation's row and its steps (keyed like the row)."""
+        key = {k: generation[k] for k in ("run_id", "sweep", "decoder_label", "prompt_id", "repeat")}
         # Steps first: a generation row is the commit mark, so a crash between the
         # two writes leaves orphan steps (dropped on resume), never a row without steps.
-        self.steps.extend(steps)
+        self.steps.extend({**key, "step": j, **asdict(s)} for j, s in enumerate(steps))
         _atomic_write_table(self._step_path, self.steps, STEP_SCHEMA)
         self.generations.append(generation)
         self.flush_generations()
+
+    def set_energy(self, joules: Sequence[float]) -> None:
+        """Fill in each generation's (estimated) energy and rewrite the rows."""
+        for row, j in zip(self.generations, joules, strict=True):
+            row.update(gpu_energy_j=j, energy_per_token_j=j / max(row["new_tokens"], 1), energy_estimated=True)
+        self.flush_generations()
+
+    @property
+    def times_s(self) -> list[float]:
+        return [row["time_s"] for row in self.generations]
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(row["new_tokens"] for row in self.generations)
 
     def flush_generations(self) -> None:
         _atomic_write_table(self._gen_path, self.generations, GENERATION_SCHEMA)
