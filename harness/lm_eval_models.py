@@ -33,7 +33,7 @@ from tqdm import tqdm
 from decoders import decoder_class, decoder_params, get_decoder
 from harness import trace
 from harness.energy import EnergyMeter, gpu_indices_for
-from harness.models import load_models, resolve_spec
+from harness.models import load_models, resolve_specs
 from harness.profile_spec import DecoderSpec
 from harness.prompts import Prompt
 from harness.quality import output_perplexity
@@ -80,11 +80,7 @@ class _DecodingLM(HFLM):
         if str(batch_size) not in ("1", "auto"):
             print(f"{self.decoder_name}: decoding runs one request at a time; batch_size {batch_size} "
                   "applies to log-likelihood requests only", file=sys.stderr)
-        # Build or locate built-in models before any process group exists: transformers'
-        # save_pretrained writes nothing on some ranks once torch.distributed is up.
-        for spec in (pretrained, draft):
-            if spec:
-                resolve_spec(spec)
+        resolve_specs(pretrained, draft)  # before accelerate starts the process group
         accelerator = None
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             # Data parallel (accelerate launch / torchrun): lm-eval shards requests by

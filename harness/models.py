@@ -171,6 +171,18 @@ def resolve_spec(spec: str) -> ResolvedSpec:
     raise FileNotFoundError(f"model path not found: {path} (give a folder, a .gguf file, a hub id or builtin:NAME)")
 
 
+def resolve_specs(*specs: str | None) -> None:
+    """Check every given spec and build the built-in ones that need building.
+
+    Callers run this before a long load (a typo in the draft fails first) and
+    before starting a process group: transformers' save_pretrained writes nothing
+    on some ranks once torch.distributed is up, so built-ins are built before.
+    """
+    for spec in specs:
+        if spec is not None:
+            resolve_spec(spec)
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -246,10 +258,7 @@ def load_models(
     """
     dev = resolve_device(device)
     resolved_dtype = resolve_dtype(dtype, dev)
-    # Resolve both specs first so a typo in the draft fails before a long target load.
-    resolve_spec(target)
-    if draft is not None:
-        resolve_spec(draft)
+    resolve_specs(target, draft)
     target_model = load_model(target, dtype=dtype, device=device, device_map=device_map)
     if device_map is not None:  # the draft lives with the target's inputs
         dev = target_model.get_input_embeddings().weight.device

@@ -31,7 +31,7 @@ from decoders import Decoder, GenerationOutput, decoder_class, get_decoder
 from harness import trace
 from harness.distributed import Ranks, init_ranks, shutdown
 from harness.energy import EnergyMeter, EnergyWindow, gpu_indices_for, share_by_time
-from harness.models import LoadedModels, load_models, resolve_device, resolve_spec
+from harness.models import LoadedModels, load_models, resolve_device, resolve_specs
 from harness.profile_spec import DecoderSpec, Profile
 from harness.prompts import Prompt, tokenize_prompts
 from harness.quality import output_perplexity
@@ -249,11 +249,7 @@ def run_profile(
         show_progress: draw a progress bar.
         meter: an energy meter to use instead of building one (tests inject one).
     """
-    # Build or locate built-in models before any process group exists: transformers'
-    # save_pretrained writes nothing on some ranks once torch.distributed is up.
-    for spec in (profile.models.target, profile.models.draft):
-        if spec:
-            resolve_spec(spec)
+    resolve_specs(profile.models.target, profile.models.draft)  # before the process group starts
     ranks = init_ranks()
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(profile)
     previous = prepare_run_dir(profile, run_dir, resume)
