@@ -50,13 +50,20 @@ def decoder_params(name: str) -> dict[str, object]:
     return names
 
 
-def get_decoder(name: str, *, target, draft=None, **params) -> Decoder:
+def get_decoder(
+    name: str, *, target, draft=None, cuda_graphs: bool = True, compile_model: bool = False, **params
+) -> Decoder:
     """Build decoder ``name`` for ``target`` (and ``draft`` for assisted decoders).
 
     Args:
         name: one of ``available_decoders()``.
         target: a transformers causal LM.
         draft: a causal LM sharing the target's vocabulary (``specdecode``, ``mtad``).
+        cuda_graphs: use the fast path (static KV cache, CUDA graphs) for models
+            on one CUDA device; an execution setting, not a decoding parameter.
+        compile_model: on the fast path, ``torch.compile`` each decode-step shape
+            before capturing it (faster steps; the first call of each shape
+            compiles, which takes tens of seconds for a 7B model).
         **params: ``temperature``, ``top_k``, ``top_p`` for all decoders; ``gamma``
             for ``specdecode`` and ``mtad``; ``beam_width``, ``accept_thres`` and
             ``replacement`` for ``mtad``. Unknown parameters raise ``TypeError``.
@@ -69,7 +76,12 @@ def get_decoder(name: str, *, target, draft=None, **params) -> Decoder:
             f"decoder {name!r} takes no parameter(s) {', '.join(unknown)}; "
             f"it takes: {', '.join(sorted(known))}"
         )
-    return cls(target, draft, **params)
+    for option, value in (("cuda_graphs", cuda_graphs), ("compile_model", compile_model)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{option} must be true or false, got {type(value).__name__} ({value!r})")
+    decoder = cls(target, draft, **params)
+    decoder.cuda_graphs, decoder.compile_model = cuda_graphs, compile_model
+    return decoder
 
 
 __all__ = [

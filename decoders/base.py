@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel
 
-from decoders import kv
+from decoders import kv, static
 
 EosIds = int | Sequence[int] | None
 
@@ -100,21 +100,38 @@ class _Progress:
 
 
 def commit_block(
-    progress: _Progress, seq: torch.Tensor, drafts: torch.Tensor, n: int, extra: torch.Tensor, drafted: int,
-    target: kv.CachedModel, draft: kv.CachedModel,
+    progress: _Progress, seq: torch.Tensor, drafts: torch.Tensor, n: torch.Tensor, extra: torch.Tensor,
+    drafted: int, target: kv.CachedModel, draft: kv.CachedModel,
 ) -> torch.Tensor:
     """Commit ``drafts[:n]`` plus the ``extra`` token and crop both caches to match.
 
-    The target cache keeps the committed prefix up to ``x_n`` (the extra token is
-    fed next step); the draft cache never held more than the drafts it was fed.
-    Returns the sequence (prompt + committed tokens) extended by the new tokens.
+    ``n`` is a 0-dim tensor: reading it together with the tokens is the step's one
+    host synchronisation. The target cache keeps the committed prefix up to
+    ``x_n`` (the extra token is fed next step); the draft cache never held more
+    than the drafts it was fed. Returns the sequence (prompt + committed tokens)
+    extended by the new tokens.
     """
-    new = torch.cat([drafts[:n], extra.view(1)])
-    progress.commit(new.tolist(), drafted=drafted, accepted=n)
+    values = torch.cat([n.view(1), drafts, extra.view(1)]).tolist()
+    accepted = values[0]
+    new = values[1 : 1 + accepted] + values[-1:]
+    progress.commit(new, drafted=drafted, accepted=accepted)
     old_len = seq.shape[0]
-    target.crop(old_len + n)
-    draft.crop(min(draft.length, old_len + n))
-    return torch.cat([seq, new])
+    target.crop(old_len + accepted)
+    draft.crop(min(draft.length, old_len + accepted))
+    return torch.cat([seq, drafts[:accepted], extra.view(1)])
+
+
+def _on_device(generator: torch.Generator, device: torch.device) -> torch.Generator:
+    """A generator on ``device`` seeded from ``generator``, so noise needs no host copies.
+
+    A CPU generator driving CUDA decoding would draw every step's noise on the
+    host and copy it over; one draw from it seeds a device generator instead,
+    which keeps runs reproducible from the caller's seed.
+    """
+    if generator.device.type == device.type:
+        return generator
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    return torch.Generator(device).manual_seed(seed)
 
 
 def _eos_set(eos_token_id: EosIds) -> frozenset[int]:
@@ -147,10 +164,25 @@ class Decoder(abc.ABC):
     Subclasses implement ``_generate`` and extend ``check_param`` for their own
     parameters. ``temperature`` 0 means greedy (argmax); ``top_k`` 0 and
     ``top_p`` 1.0 switch those filters off.
+
+    Execution (not decoding) settings, as attributes:
+        cuda_graphs: on a model that sits on one CUDA device, use a static KV
+            cache and replay CUDA graphs for decode steps (``decoders.static``).
+            The tokens are those of the plain path (eager forwards over a
+            ``DynamicCache``) up to floating-point rounding. False forces the
+            plain path, e.g. to measure what the graphs buy.
+        static_cache: use the static cache without graphs, on any device (for
+            testing the fast path's cache logic on a CPU).
+        compile_model: on the fast path, also ``torch.compile`` the decode-step
+            forwards before capturing them (fewer, fused kernels; compiles once
+            per shape).
     """
 
     name: str = ""
     needs_draft: bool = False
+    cuda_graphs: bool = True
+    static_cache: bool = False
+    compile_model: bool = False
 
     @classmethod
     def check_param(cls, name: str, value: object) -> None:
@@ -240,13 +272,31 @@ class Decoder(abc.ABC):
             generator = torch.Generator()
             generator.seed()
         progress = _Progress(max_new_tokens, _eos_set(eos_token_id), on_step, should_stop)
-        counts = self._generate(input_ids.to(kv.device_of(self.target)), progress, generator)
+        device = kv.device_of(self.target)
+        # Room for the prompt, the new tokens and one over-long final draft block.
+        self._max_length = input_ids.shape[1] + max_new_tokens + int(getattr(self, "gamma", 0)) + 1
+        self._open: list = []
+        try:
+            counts = self._generate(input_ids.to(device), progress, _on_device(generator, device))
+        finally:
+            self._open = []
         return GenerationOutput(
             tokens=torch.tensor(progress.tokens, dtype=torch.long),
             steps=tuple(progress.steps),
             target_forwards=counts[0],
             draft_forwards=counts[1],
         )
+
+    def _cache(self, model: PreTrainedModel, rows: int = 1) -> kv.CachedModel | static.StaticCachedModel:
+        """The KV-cached view of ``model`` for this generation (``rows`` beams at most)."""
+        graphs = self.cuda_graphs and kv.device_of(model).type == "cuda"
+        if (graphs or self.static_cache) and static.supports_static_cache(model):
+            cache = static.acquire(model, rows, self._max_length, graphs, busy=self._open,
+                                   compile=graphs and self.compile_model)
+        else:
+            cache = kv.CachedModel(model)
+        self._open.append(cache)
+        return cache
 
     @abc.abstractmethod
     def _generate(

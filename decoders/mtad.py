@@ -14,10 +14,9 @@ import torch
 
 from decoders import probs as P
 from decoders.base import Decoder, _Progress, check_float, check_int, commit_block
-from decoders.kv import CachedModel
 
 
-def mtad_accept_length(log_p: torch.Tensor, log_q: torch.Tensor, accept_thres: float) -> int:
+def mtad_accept_length(log_p: torch.Tensor, log_q: torch.Tensor, accept_thres: float) -> torch.Tensor:
     """Accepted length of MTAD's joint-likelihood test.
 
     Args:
@@ -29,10 +28,11 @@ def mtad_accept_length(log_p: torch.Tensor, log_q: torch.Tensor, accept_thres: f
         The LARGEST ``i`` with ``log P_i - log Q_i > log tau``, where ``P_i``/``Q_i``
         are the joint probabilities of the first ``i`` tokens; 0 if none passes.
         Every depth is scanned: a short prefix may fail while a longer one passes.
+        A 0-dim LongTensor on the inputs' device: the caller decides when to sync.
     """
     ratio = log_p.cumsum(0) - log_q.cumsum(0)
-    passing = torch.nonzero(ratio > math.log(accept_thres))
-    return int(passing[-1]) + 1 if passing.numel() else 0
+    depth = torch.arange(1, ratio.shape[0] + 1, device=ratio.device)
+    return torch.where(ratio > math.log(accept_thres), depth, 0).max()
 
 
 class MTADDecoder(Decoder):
@@ -86,7 +86,7 @@ class MTADDecoder(Decoder):
             "replacement": self.replacement,
         }
 
-    def _draft_beams(self, draft: CachedModel, pending: torch.Tensor, g: int, generator: torch.Generator):
+    def _draft_beams(self, draft, pending: torch.Tensor, g: int, generator: torch.Generator):
         """Steps 1-3: stochastic beam sampling of ``g`` tokens; returns the best beam.
 
         Returns ``(tokens (g,), log_q (g,))`` of the beam with the largest weight.
@@ -118,10 +118,10 @@ class MTADDecoder(Decoder):
         best = weights.argmax()
         if g > 1:
             draft.select(best.view(1))
-        return tokens[best], log_q[best]
+        return P.row(tokens, best), P.row(log_q, best)
 
     def _generate(self, input_ids: torch.Tensor, progress: _Progress, generator: torch.Generator) -> tuple[int, int]:
-        target, draft = CachedModel(self.target), CachedModel(self.draft)
+        target, draft = self._cache(self.target), self._cache(self.draft, rows=self.beam_width)
         seq = input_ids[0]
         filt = (self.temperature, self.top_k, self.top_p)
         while not progress.finished:
@@ -134,8 +134,11 @@ class MTADDecoder(Decoder):
             tail = torch.cat([seq[target.length :], drafts])
             p = P.filtered_probs(target(tail.view(1, -1), keep=g + 1)[0], *filt)
             # 5. Longest prefix passing the joint-likelihood test (no random draw).
-            n = mtad_accept_length(P.log_probs_of(p[:g], drafts), log_q, self.accept_thres) if g else 0
+            if g:
+                n = mtad_accept_length(P.log_probs_of(p[:g], drafts), log_q, self.accept_thres)
+            else:
+                n = torch.zeros((), dtype=torch.long, device=p.device)
             # 6. Commit x_1..x_n plus one token drawn from p_{n+1} directly (no residual);
             # crop the target cache to the committed prefix, the draft's to the kept beam's.
-            seq = commit_block(progress, seq, drafts, n, P.sample(p[n], generator), g, target, draft)
+            seq = commit_block(progress, seq, drafts, n, P.sample(P.row(p, n), generator), g, target, draft)
         return target.forwards, draft.forwards

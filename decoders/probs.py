@@ -19,7 +19,9 @@ def filtered_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: 
     """
     logits = logits.float()
     if temperature == 0:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+        # scatter, not one_hot: one_hot checks its indices on the host, a device
+        # synchronisation per call that would stall every queued decode step.
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     logits = logits / temperature
     if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
@@ -69,3 +71,12 @@ def sample_many(probs: torch.Tensor, n: int, replacement: bool, generator: torch
 def log_probs_of(probs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """``log probs[..., tokens]`` (``-inf`` where the probability is zero)."""
     return probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).log()
+
+
+def row(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table[index]`` for a 0-dim index tensor, without a host sync.
+
+    Plain indexing with a 0-dim tensor converts it to a Python int first, which
+    waits for the device; ``index_select`` keeps the index on the device.
+    """
+    return table.index_select(0, index.view(1)).squeeze(0)

@@ -6,25 +6,35 @@ import torch
 
 from decoders import probs as P
 from decoders.base import Decoder, _Progress
-from decoders.kv import CachedModel
 
 
 class SamplingDecoder(Decoder):
     """One target forward per token, drawn from the filtered ``p_i``.
 
     Steps report ``drafted=0, accepted=0`` so that every decoder yields the same
-    record shape (as Spec-Bench's baseline does).
+    record shape (as Spec-Bench's baseline does). ``target_forwards`` counts one
+    forward more than tokens when EOS or a stop check ends the generation early
+    (the next step is already queued when the token is read).
     """
 
     name = "sampling"
     needs_draft = False
 
     def _generate(self, input_ids: torch.Tensor, progress: _Progress, generator: torch.Generator) -> tuple[int, int]:
-        target = CachedModel(self.target)
-        pending = input_ids  # tokens the cache has not seen yet
-        while not progress.finished:
-            logits = target(pending, keep=1)[0, -1]
-            token = P.sample(P.filtered_probs(logits, self.temperature, self.top_k, self.top_p), generator)
+        target = self._cache(self.target)
+        filt = (self.temperature, self.top_k, self.top_p)
+
+        def queue_next(tokens: torch.Tensor) -> torch.Tensor:
+            """Queue a forward and a draw on the device; nothing waits for them."""
+            return P.sample(P.filtered_probs(target(tokens, keep=1)[0, -1], *filt), generator)
+
+        token = queue_next(input_ids)
+        while True:
+            # Queue the next step before reading this token, so the device works
+            # while the host waits for the value; if this token ends the
+            # generation (EOS, a stop string), that one forward is wasted.
+            following = queue_next(token.view(1, 1)) if progress.remaining > 1 else None
             progress.commit([int(token)], drafted=0, accepted=0)
-            pending = token.view(1, 1)
-        return target.forwards, 0
+            if progress.finished:
+                return target.forwards, 0
+            token = following

@@ -10,13 +10,12 @@ import torch
 
 from decoders import probs as P
 from decoders.base import Decoder, _Progress, check_int, commit_block
-from decoders.kv import CachedModel
 
 
 def speculative_accept(
     p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, uniforms: torch.Tensor
-) -> tuple[int, torch.Tensor]:
-    """The accept/resample rule of speculative sampling.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The accept/resample rule of speculative sampling, on the device (no host sync).
 
     Args:
         p: target probabilities ``(g + 1, V)`` at the g draft positions plus one.
@@ -25,9 +24,9 @@ def speculative_accept(
         uniforms: ``U(0, 1)`` draws ``(g,)``.
 
     Returns:
-        ``(n, dist)``: the number of accepted drafts and the distribution the
-        extra token must be drawn from (residual ``norm(max(0, p - q))`` after a
-        rejection, ``p_{g+1}`` when all were accepted).
+        ``(n, dist)``: the number of accepted drafts (a 0-dim LongTensor) and the
+        distribution the extra token must be drawn from (residual
+        ``norm(max(0, p - q))`` after a rejection, ``p_{g+1}`` when all were accepted).
     """
     g = drafts.shape[0]
     idx = torch.arange(g, device=drafts.device)
@@ -35,14 +34,15 @@ def speculative_accept(
     # Strict: with r in [0, 1) a token the target gives probability 0 is never
     # accepted, which keeps temperature 0 exactly greedy.
     accept = uniforms * q[idx, drafts] < p[idx, drafts]
-    n = int(torch.cumprod(accept.int(), 0).sum())  # one host sync per step
-    if n == g:
-        return n, p[g]
-    residual = (p[n] - q[n]).clamp_min(0)
-    total = residual.sum()
+    n = torch.cumprod(accept.long(), 0).sum()
+    # Every position's residual is formed and row n picked on the device, so the
+    # step's only synchronisation is the caller's read of the result.
+    residual = (p[:g] - q).clamp_min(0)
+    total = residual.sum(-1, keepdim=True)
     # p == q up to rounding makes a rejection (almost) impossible and the residual
     # empty; falling back to p is then the exact distribution.
-    return n, residual / total if total > 0 else p[n]
+    residual = torch.where(total > 0, residual / total.clamp_min(torch.finfo(total.dtype).tiny), p[:g])
+    return n, P.row(torch.cat([residual, p[g:]]), n)
 
 
 class SpeculativeDecoder(Decoder):
@@ -68,7 +68,7 @@ class SpeculativeDecoder(Decoder):
         return {**super().params, "gamma": self.gamma}
 
     def _generate(self, input_ids: torch.Tensor, progress: _Progress, generator: torch.Generator) -> tuple[int, int]:
-        target, draft = CachedModel(self.target), CachedModel(self.draft)
+        target, draft = self._cache(self.target), self._cache(self.draft)
         device = input_ids.device
         seq = input_ids[0]  # prompt + committed tokens
         filt = (self.temperature, self.top_k, self.top_p)
@@ -92,7 +92,7 @@ class SpeculativeDecoder(Decoder):
             if g:
                 n, dist = speculative_accept(p, torch.stack(q), drafts_t, P.uniform((g,), generator, device))
             else:
-                n, dist = 0, p[0]
+                n, dist = torch.zeros((), dtype=torch.long, device=device), p[0]
             # 5. Commit, and crop both caches to the committed prefix.
             seq = commit_block(progress, seq, drafts_t, n, P.sample(dist, generator), g, target, draft)
         return target.forwards, draft.forwards

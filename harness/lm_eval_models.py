@@ -66,8 +66,14 @@ class _DecodingLM(HFLM):
         batch_size: int | str = 1,
         max_batch_size: int | None = None,
         parallelize: bool = False,
+        cuda_graphs: bool = True,
+        compile_model: bool = False,
         **kwargs: Any,
     ) -> None:
+        for option, value in (("cuda_graphs", cuda_graphs), ("compile_model", compile_model)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{option} must be True or False, got {value!r}")
+        self.execution = {"cuda_graphs": cuda_graphs, "compile_model": compile_model}
         known = decoder_params(self.decoder_name)
         self.decoder_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in known}
         for key, value in self.decoder_kwargs.items():
@@ -132,7 +138,7 @@ class _DecodingLM(HFLM):
             if key in kwargs:
                 params[key] = kwargs[key]
         draft = self.models.draft if decoder_class(self.decoder_name).needs_draft else None
-        return get_decoder(self.decoder_name, target=self.models.target, draft=draft, **params)
+        return get_decoder(self.decoder_name, target=self.models.target, draft=draft, **self.execution, **params)
 
     def _stop_check(self, until: list[str]):
         stops = [s for s in until if s]
@@ -210,7 +216,7 @@ class _DecodingLM(HFLM):
             "name": f"lm_eval-{self.decoder_name}",
             "models": {"target": self.models.target_spec, "draft": self.models.draft_spec,
                        "dtype": str(self.models.dtype).removeprefix("torch."), "device": str(self.models.device)},
-            "generation": {"max_new_tokens": None, "repeats": 1, "warmup": 0, "seed": self.seed},
+            "generation": {"max_new_tokens": None, "repeats": 1, "warmup": 0, "seed": self.seed, **self.execution},
             "decoders": [{"name": self.decoder_name, "label": self.decoder_name, "params": self.decoder_kwargs}],
         }
         name = trace.RUN_JSON if self.rank == 0 else f"rank-{self.rank}.json"

@@ -62,6 +62,11 @@ class GenerationSpec:
     repeats: int = 1
     warmup: int = 1
     seed: int = 0
+    # Execution settings (see decoders.Decoder): on a model on one CUDA device,
+    # decode steps replay CUDA graphs over a static cache; compile_model also
+    # runs them through torch.compile first (faster steps, slow first call).
+    cuda_graphs: bool = True
+    compile_model: bool = False
 
 
 @dataclass(frozen=True)
@@ -101,7 +106,8 @@ _TYPES = {
         "items": list, "file": (str, type(None)), "field": str, "id_field": (str, type(None)),
         "limit": (int, type(None)), "chat_template": bool, "system": (str, type(None)),
     },
-    GenerationSpec: {"max_new_tokens": int, "repeats": int, "warmup": int, "seed": int},
+    GenerationSpec: {"max_new_tokens": int, "repeats": int, "warmup": int, "seed": int, "cuda_graphs": bool,
+                     "compile_model": bool},
 }
 _MINIMUM = {"max_new_tokens": 1, "repeats": 1, "warmup": 0, "seed": 0, "limit": 1}
 _DTYPES = ("auto", "float32", "bfloat16", "float16")

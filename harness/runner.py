@@ -307,7 +307,8 @@ def run_profile(
 def _run_sweep(spec, todo, sweep, models, prompts, gen, eos, ctx, run_dir, meter, record, bar, task) -> None:
     """One decoder setting over its (prompt, repeat) cells, inside one energy window."""
     draft = models.draft if decoder_class(spec.name).needs_draft else None
-    decoder = get_decoder(spec.name, target=models.target, draft=draft, **spec.params)
+    decoder = get_decoder(spec.name, target=models.target, draft=draft, cuda_graphs=gen.cuda_graphs,
+                          compile_model=gen.compile_model, **spec.params)
     bar.update(task, description=spec.label)
     for w in range(gen.warmup):  # kept out of the numbers and the energy window
         decoder.generate(prompts[0].input_ids.to(models.device), gen.max_new_tokens,
