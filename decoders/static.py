@@ -80,7 +80,12 @@ class StaticCachedModel:
         self.max_length = max_length
         self.graphs = graphs
         self.compiled = compile
-        self._compiled_forward = torch.compile(self._forward, dynamic=False) if compile else None
+        self._compiled_forward = None
+        if compile:
+            # Every (cache, step shape) is one more compiled version of the same
+            # function; past dynamo's limit (8) it would silently run eagerly.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self._compiled_forward = torch.compile(self._forward, dynamic=False)
         self.cache = StaticCache(config=model.config, max_cache_len=max_length)
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"

@@ -18,7 +18,7 @@ def decode(name, target, draft, prompt, *, fast: str, n: int, seed: int = 0, com
     """Decode with the plain path (``fast="off"``), the static cache alone
     (``"static"``) or static cache plus CUDA graphs (``"graphs"``)."""
     dec = get_decoder(name, target=target, draft=draft if DECODERS[name] else None,
-                      cuda_graphs=fast == "graphs", compile_model=compile_model, **DECODERS[name], **params)
+                      cuda_graphs=fast == "graphs", compile_model=compile_model, **{**DECODERS[name], **params})
     dec.static_cache = fast == "static"
     return dec.generate(prompt, max_new_tokens=n, generator=torch.Generator().manual_seed(seed))
 

@@ -139,6 +139,13 @@ def test_bad_parameter_types_and_unknown_parameters(tiny, name, params):
         make(name, tiny, **params)
 
 
+@pytest.mark.parametrize("option", ["cuda_graphs", "compile_model"])
+def test_execution_settings_must_be_booleans(tiny, option):
+    with pytest.raises(TypeError, match=f"{option} must be true or false"):
+        get_decoder("sampling", target=tiny.target, **{option: "yes"})
+    assert getattr(get_decoder("sampling", target=tiny.target, **{option: False}), option) is False
+
+
 @pytest.mark.parametrize("name", ["specdecode", "mtad"])
 def test_missing_draft(tiny, name):
     with pytest.raises(ValueError, match="needs a draft model"):

@@ -175,8 +175,9 @@ def test_invalid_profile_via_cli_writes_nothing(tmp_path):
 
 def test_set_overrides_and_list_indices():
     profile = load_profile(SMOKE, ["generation.max_new_tokens=8", "decoders.1.params.gamma=2",
-                                   "decoders.2.label=mtad-b2"])
+                                   "decoders.2.label=mtad-b2", "generation.compile_model=true"])
     assert profile.generation.max_new_tokens == 8
+    assert profile.generation.compile_model is True and profile.generation.cuda_graphs is True
     assert profile.decoders[1].params["gamma"] == 2 and profile.decoders[2].label == "mtad-b2"
     with pytest.raises(ProfileError, match="expected key=value"):
         load_profile(SMOKE, ["generation.max_new_tokens"])
@@ -199,3 +200,13 @@ def test_energy_on_a_machine_without_gpu_stops_before_running(tmp_path):
     assert proc.returncode == 2
     assert "--energy" in err and "cuda" in err.lower()
     assert not (tmp_path / "run").exists()
+
+
+def test_execution_settings_must_be_booleans():
+    raw = yaml.safe_load(SMOKE.read_text())
+    raw["generation"].update(cuda_graphs="yes", compile_model=1)
+    with pytest.raises(ProfileError) as info:
+        parse_profile(raw, "p.yaml")
+    problems = "\n".join(info.value.problems)
+    assert "generation.cuda_graphs: must be bool" in problems
+    assert "generation.compile_model: must be bool" in problems

@@ -31,6 +31,19 @@ def test_static_cache_decodes_like_the_plain_path(tiny, prompt, name, temperatur
         assert any(s.accepted < s.drafted for s in fast.steps)
 
 
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [("specdecode", {"gamma": 1}), ("mtad", {"gamma": 1}), ("mtad", {"beam_width": 1}),
+     ("mtad", {"gamma": 3, "beam_width": 2}), ("mtad", {"replacement": True})],
+)
+def test_static_cache_decodes_like_the_plain_path_for_other_settings(tiny, prompt, name, params):
+    filters = {"temperature": 1.0, "top_k": 10, "top_p": 0.9, **params}
+    for seed in range(2):
+        plain = decode(name, tiny.target, tiny.draft, prompt, fast="off", n=33, seed=seed, **filters)
+        fast = decode(name, tiny.target, tiny.draft, prompt, fast="static", n=33, seed=seed, **filters)
+        assert_same_decoding(fast, plain)
+
+
 @pytest.mark.parametrize("name", ["specdecode", "mtad"])
 def test_draft_equal_to_target_gets_its_own_cache(tiny, prompt, name):
     """A draft that is the target model must not share the target's cache."""

@@ -17,7 +17,7 @@ def load(**kwargs):
 
 def process_results(doc, results):
     words = results[0].split()
-    bigrams = list(zip(words, words[1:]))
+    bigrams = list(zip(words, words[1:], strict=False))
     return {
         "distinct_2": len(set(bigrams)) / len(bigrams) if bigrams else 0.0,
         "words": float(len(words)),
