@@ -17,6 +17,15 @@ def device_of(model: PreTrainedModel) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
+def cache_kwarg(model: PreTrainedModel) -> str:
+    """Name of the keyword that takes the KV cache in ``model.forward``.
+
+    transformers renamed ``past_key_values`` to ``cache`` in late 5.x; using
+    whichever this model's forward takes keeps old and new releases working.
+    """
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def vocab_size(model: PreTrainedModel) -> int:
     """Width of the model's logits (the output head), which is what must match."""
     head = model.get_output_embeddings()
@@ -37,10 +46,7 @@ class CachedModel:
         self.device = device_of(model)
         self.cache = DynamicCache(config=model.config)
         self.forwards = 0
-        # transformers renamed ``past_key_values`` to ``cache`` in late 5.x; use
-        # whichever this model's forward takes so both old and new releases work.
-        params = inspect.signature(model.forward).parameters
-        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._cache_kwarg = cache_kwarg(model)
 
     @property
     def length(self) -> int:

@@ -23,13 +23,12 @@ which turns ``repeat`` into a no-op and ``select`` into in-place row copies.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import weakref
 
 import torch
 from transformers import PreTrainedModel, StaticCache
 
-from decoders.kv import device_of
+from decoders.kv import cache_kwarg, device_of
 
 # Forwards of at most this many new tokens are graphed; longer ones (prompts)
 # run eagerly, since each shape gets its own graph and prompts vary in length.
@@ -87,8 +86,7 @@ class StaticCachedModel:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self._compiled_forward = torch.compile(self._forward, dynamic=False)
         self.cache = StaticCache(config=model.config, max_cache_len=max_length)
-        params = inspect.signature(model.forward).parameters
-        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._cache_kwarg = cache_kwarg(model)
         self._dtype = next(model.parameters()).dtype
         # The one piece of state a forward reads: how many positions are cached.
         self._start = torch.zeros((), dtype=torch.long, device=self.device)
