@@ -71,7 +71,8 @@ class StaticCachedModel:
 
     def __init__(self, model: PreTrainedModel, rows: int, max_length: int, graphs: bool,
                  compile: bool = False) -> None:
-        self.model = model
+        # Weak: the per-model pool below must not keep the model it is keyed by alive.
+        self._model = weakref.ref(model)
         self.device = device_of(model)
         if graphs and self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA model, this one is on {self.device}")
@@ -94,6 +95,10 @@ class StaticCachedModel:
         self._graphed: dict[tuple[int, int], _Graph] = {}
         self._pool = torch.cuda.graph_pool_handle() if graphs else None
         self.reset()
+
+    @property
+    def model(self) -> PreTrainedModel:
+        return self._model()
 
     def reset(self) -> None:
         """Start a new sequence (the old cache contents are simply overwritten)."""

@@ -8,12 +8,16 @@ up here as a different token.
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from decoders import static
+from harness.models import load_models
 from tests.fastpath import DECODERS, assert_same_decoding, decode
 
 
@@ -138,3 +142,15 @@ def test_no_host_reads_inside_a_step(tiny, prompt, name, temperature):
     with _HostReads() as reads:
         out = decode(name, tiny.target, tiny.draft, prompt, fast="static", n=40, temperature=temperature)
     assert reads.count == (len(out.steps) if name == "sampling" else 0)
+
+
+def test_kept_caches_do_not_keep_a_model_alive(tiny_dirs, prompt):
+    """The per-model pool is weak: dropping the last reference to a model frees
+    the model and its caches (and on a GPU their graphs), as users expect."""
+    model = load_models(str(tiny_dirs[0]), dtype="float32", device="cpu").target
+    decode("sampling", model, None, prompt, fast="static", n=4)
+    assert len(static._POOL.get(model, [])) == 1
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
