@@ -75,15 +75,16 @@ def timed_generate(
 ) -> tuple[GenerationOutput, float, float]:
     """One generation; returns ``(output, time_s, ttft_s)``.
 
-    The device is synchronised at the start and the end, and once when the first
-    step has committed its tokens (for time to first token), never inside the loop.
+    The device is synchronised at the start and the end only. The first step's
+    commit is the time to first token without a sync: decoders commit tokens
+    they have already read from the device, and a sync there would also wait
+    for the step ``sampling`` queues before reading its token.
     """
     input_ids = prompt.input_ids.to(device)
     first: list[float] = []
 
     def on_first_step(_record) -> None:
         if not first:
-            _sync(device)
             first.append(time.perf_counter())
 
     _sync(device)
