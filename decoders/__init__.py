@@ -50,6 +50,14 @@ def decoder_params(name: str) -> dict[str, object]:
     return names
 
 
+def check_execution_settings(**settings: object) -> None:
+    """Raise ``TypeError`` unless every execution setting (``cuda_graphs``,
+    ``compile_model``) is a bool; usable before any model loads."""
+    for option, value in settings.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{option} must be true or false, got {type(value).__name__} ({value!r})")
+
+
 def get_decoder(
     name: str, *, target, draft=None, cuda_graphs: bool = True, compile_model: bool = False, **params
 ) -> Decoder:
@@ -76,9 +84,7 @@ def get_decoder(
             f"decoder {name!r} takes no parameter(s) {', '.join(unknown)}; "
             f"it takes: {', '.join(sorted(known))}"
         )
-    for option, value in (("cuda_graphs", cuda_graphs), ("compile_model", compile_model)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{option} must be true or false, got {type(value).__name__} ({value!r})")
+    check_execution_settings(cuda_graphs=cuda_graphs, compile_model=compile_model)
     decoder = cls(target, draft, **params)
     decoder.cuda_graphs, decoder.compile_model = cuda_graphs, compile_model
     return decoder
@@ -89,6 +95,7 @@ __all__ = [
     "GenerationOutput",
     "StepRecord",
     "available_decoders",
+    "check_execution_settings",
     "decoder_class",
     "decoder_params",
     "get_decoder",

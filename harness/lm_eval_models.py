@@ -30,7 +30,7 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from tqdm import tqdm
 
-from decoders import decoder_class, decoder_params, get_decoder
+from decoders import check_execution_settings, decoder_class, decoder_params, get_decoder
 from harness import trace
 from harness.energy import EnergyMeter, gpu_indices_for
 from harness.models import load_models, resolve_specs
@@ -70,10 +70,8 @@ class _DecodingLM(HFLM):
         compile_model: bool = False,
         **kwargs: Any,
     ) -> None:
-        for option, value in (("cuda_graphs", cuda_graphs), ("compile_model", compile_model)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{option} must be True or False, got {value!r}")
         self.execution = {"cuda_graphs": cuda_graphs, "compile_model": compile_model}
+        check_execution_settings(**self.execution)  # before any model loads
         known = decoder_params(self.decoder_name)
         self.decoder_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in known}
         for key, value in self.decoder_kwargs.items():
