@@ -29,8 +29,13 @@ def cache_kwarg(model: PreTrainedModel) -> str:
 def vocab_size(model: PreTrainedModel) -> int:
     """Width of the model's logits (the output head), which is what must match."""
     head = model.get_output_embeddings()
-    if head is not None and getattr(head, "weight", None) is not None:
-        return int(head.weight.shape[0])
+    if head is not None:
+        # out_features: nn.Linear, and heads over a token subset (which still emit full-width logits)
+        width = getattr(head, "out_features", None)
+        if width is None and getattr(head, "weight", None) is not None:
+            width = head.weight.shape[0]
+        if width is not None:
+            return int(width)
     return int(model.config.vocab_size)
 
 

