@@ -79,6 +79,17 @@ def _rows_by_key(run_dir: Path) -> dict:
     return {(r.decoder_label, r.prompt_id, r.repeat): list(r.output_tokens) for r in gens.itertuples()}
 
 
+def _rows_now(part) -> int:
+    """Rows of a part file the run is still rewriting (0 when caught mid-replace)."""
+    try:
+        return len(pd.read_parquet(part))
+    except OSError:
+        # The writer replaces the file atomically, but pyarrow sizes the path before
+        # opening it; a replace in between reads as a short file. The next poll sees
+        # the new one.
+        return 0
+
+
 @pytest.mark.slow
 def test_resume_after_kill_completes_without_loss_or_duplicates(smoke_run, tmp_path):
     run_dir = tmp_path / "killed"
@@ -87,7 +98,7 @@ def test_resume_after_kill_completes_without_loss_or_duplicates(smoke_run, tmp_p
     deadline = time.time() + 120
     while time.time() < deadline:  # kill once the second sweep has written rows
         parts = list((run_dir / "generations.parquet").glob("part-01-*.parquet"))
-        if parts and len(pd.read_parquet(parts[0])) >= 2:
+        if parts and _rows_now(parts[0]) >= 2:
             break
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
