@@ -30,16 +30,10 @@ from decoders import get_decoder
 from harness.models import load_models
 from harness.profile_spec import PromptsSpec
 from harness.prompts import tokenize_prompts
+from harness.quality import output_perplexity
 
 ROOT = Path(__file__).resolve().parent.parent
 FILTERS = {"temperature": 1.0, "top_k": 10, "top_p": 0.9}
-
-
-def mean_nll(target, prompt_ids, tokens) -> float:
-    seq = torch.cat([prompt_ids[0], tokens.to(prompt_ids.device)]).view(1, -1)
-    n = tokens.shape[0]
-    logp = torch.log_softmax(target(seq).logits[0, -n - 1:-1].float(), -1)
-    return -float(logp.gather(1, seq[0, -n:].view(-1, 1)).mean())
 
 
 def main() -> None:
@@ -67,7 +61,8 @@ def main() -> None:
                 for s in range(args.seeds):  # disjoint seeds per decoder: independent draws
                     gen = torch.Generator().manual_seed(10_000 * i + 1_000 * k + s)
                     out = dec.generate(ids, args.new_tokens, gen, m.tokenizer.eos_token_id)
-                    values.append(mean_nll(m.target, ids, out.tokens))
+                    # log of the profiles' output perplexity: the mean NLL per token
+                    values.append(math.log(output_perplexity(m.target, ids, out.tokens)))
                 per_prompt[name].append(statistics.mean(values))
             print(f"{i + 1}/{len(prompts)} prompts ({time.time() - t0:.0f} s)", flush=True)
     diffs = [a - b for a, b in zip(per_prompt["specdecode"], per_prompt["sampling"], strict=True)]

@@ -40,6 +40,7 @@ on one H100.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import random
@@ -300,7 +301,7 @@ def main():
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     target = load_model(args.target, dtype="float32", device=args.device)  # base of the stored deltas
-    teacher = load_model(args.target, dtype="bfloat16", device=args.device)  # generates and teaches
+    teacher = copy.deepcopy(target).to(torch.bfloat16)  # generates and teaches
     tok = load_tokenizer(args.target)
     if tok.pad_token is None:  # the GGUF tokenizer has none; padding is masked out
         tok.pad_token = tok.eos_token
@@ -393,7 +394,7 @@ def main():
     # Every tenth of the run the held-out alpha is measured and the best weights kept:
     # a draft this size can start to memorise its data within the run.
     checks = sorted({max(1, steps * k // 10) for k in range(1, 11)})
-    best = {"alpha": -1.0, "step": 0, "state": None}
+    best = {"score": {"alpha": -1.0}, "step": 0, "state": None}
     history = []
     t0 = time.time()
     stream = batches(rows, args.batch, rng)
@@ -413,8 +414,8 @@ def main():
                   f"{score['greedy_agreement']:.3f}, alpha {score['alpha']:.3f} ({time.time() - t0:.0f} s)", flush=True)
             if not math.isfinite(loss.item()):
                 raise SystemExit("training diverged")
-            if score["alpha"] > best["alpha"]:
-                best = {"alpha": score["alpha"], "step": step,
+            if score["alpha"] > best["score"]["alpha"]:
+                best = {"score": score, "step": step,
                         "state": {k: v.detach().clone() for k, v in draft.state_dict().items()}}
     train_s = time.time() - t0
     draft.load_state_dict(best["state"])
@@ -435,7 +436,7 @@ def main():
         "history": history,
         "data_generation_s": data["generation_s"], "train_s": train_s, "total_s": time.time() - t_start,
         "head_token_coverage": coverage, **stored,
-        "held_out_trained": judge(teacher, draft, held_greedy, held_sampled),
+        "held_out_trained": best["score"],  # the kept weights, judged when they were kept
         "held_out_stored": judge(teacher, composed, held_greedy, held_sampled),
         "train_sample_stored": judge(teacher, composed, [r for r in rows if r[2]][:128],
                                      [r for r in rows if not r[2]][:128]),
