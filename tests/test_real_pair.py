@@ -22,7 +22,7 @@ def smol():
 
 
 def test_pair_loads_offline_and_shares_the_frozen_parts(smol):
-    assert smol.target.config.num_hidden_layers == 30 and smol.draft.config.num_hidden_layers == 8
+    assert smol.target.config.num_hidden_layers == 30 and smol.draft.config.num_hidden_layers == 9
     assert vocab_size(smol.target) == vocab_size(smol.draft) == 49152
     # The embeddings are the target's own tensor; the head scores a subset of the target's head rows.
     assert smol.draft.model.embed_tokens.weight.data_ptr() == smol.target.model.embed_tokens.weight.data_ptr()
@@ -34,16 +34,24 @@ def test_pair_loads_offline_and_shares_the_frozen_parts(smol):
 
 
 def test_draft_is_trained_not_truncated(smol):
-    """The distilled draft agrees with the target far more than a layer cut (<= 6%)."""
-    text = smol.tokenizer.apply_chat_template([{"role": "user", "content": "Describe a sunny beach."}],
-                                              add_generation_prompt=True, tokenize=False)
-    ids = smol.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
-    reply = get_decoder("sampling", target=smol.target, temperature=0.0).generate(ids, 32).tokens
-    seq = torch.cat([ids[0], reply]).view(1, -1)
-    with torch.inference_mode():
-        t = smol.target(seq).logits[0, -33:-1].argmax(-1)
-        d = smol.draft(seq).logits[0, -33:-1].argmax(-1)
-    assert (t == d).float().mean() > 0.5
+    """The distilled draft agrees with the target far more than a layer cut (<= 6%).
+
+    Pooled over four replies: one 32-token reply moves the figure by 3 points a token.
+    """
+    agree = total = 0
+    for request in ("Describe a sunny beach.", "Give two tips for learning to cook.", "Why is the sky blue?",
+                    "Write a short note inviting a friend to dinner."):
+        text = smol.tokenizer.apply_chat_template([{"role": "user", "content": request}],
+                                                  add_generation_prompt=True, tokenize=False)
+        ids = smol.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+        reply = get_decoder("sampling", target=smol.target, temperature=0.0).generate(ids, 32).tokens
+        seq = torch.cat([ids[0], reply]).view(1, -1)
+        n = len(reply)
+        with torch.inference_mode():
+            t = smol.target(seq).logits[0, -n - 1:-1].argmax(-1)
+            d = smol.draft(seq).logits[0, -n - 1:-1].argmax(-1)
+        agree, total = agree + int((t == d).sum()), total + n
+    assert total >= 64 and agree / total > 0.5
 
 
 def test_greedy_specdecode_equals_greedy_sampling_on_the_real_pair(smol):
