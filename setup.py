@@ -1,7 +1,7 @@
 """Ships ``decoding_harness_lm_eval.pth`` at the root of site-packages.
 
 Everything else is in pyproject.toml. The .pth file lets lm-eval 0.4.13, which
-has no plugin discovery, find this project's models (harness/lm_eval_hook.py).
+has no plugin discovery, find this project's models (decoding_harness_lm_eval.py).
 """
 
 import os

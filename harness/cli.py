@@ -90,7 +90,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from lm_eval.__main__ import cli_evaluate
 
-    import harness.lm_eval_hook  # noqa: F401  (registers the models even without the .pth file)
+    import decoding_harness_lm_eval  # noqa: F401  (registers the models even without the .pth file)
 
     sys.argv = ["lm_eval", *args.lm_eval_args]
     cli_evaluate()

@@ -67,10 +67,13 @@ def test_lm_eval_command_runs_our_models(model, tmp_path):
 
 
 def test_plain_interpreter_start_stays_cheap():
-    """The .pth hook must not import lm-eval, torch or our models at start-up."""
+    """The .pth hook must not import lm-eval, torch or our packages at start-up.
+
+    Not even ``harness``: an installed copy bound at start would hide a checkout's own.
+    """
     code = ("import sys; heavy = [m for m in sys.modules if m.split('.')[0] in "
-            "('torch', 'lm_eval', 'transformers', 'decoders') or m == 'harness.lm_eval_models']; "
-            "print(heavy, 'harness.lm_eval_hook' in sys.modules)")
+            "('torch', 'lm_eval', 'transformers', 'decoders', 'harness')]; "
+            "print(heavy, 'decoding_harness_lm_eval' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), cwd="/")
     if "True" not in proc.stdout:
         pytest.skip("the project is not installed with its .pth file (scripts/setup.sh installs it)")
@@ -80,7 +83,7 @@ def test_plain_interpreter_start_stays_cheap():
 def test_registry_keeps_builtin_models_and_adds_ours():
     code = ("from lm_eval.api.registry import get_model; "
             "print(get_model('hf').__name__, get_model('mtad').__name__, get_model('specdecode').__name__)")
-    proc = subprocess.run([sys.executable, "-c", "import harness.lm_eval_hook; " + code], capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", "import decoding_harness_lm_eval; " + code], capture_output=True,
                           text=True, env=_env(), cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["HFLM", "MTADLM", "SpecDecodeLM"]
