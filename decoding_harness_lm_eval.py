@@ -4,13 +4,15 @@ lm-eval 0.4.13 resolves ``--model NAME`` only against its own registry; entry
 points (group ``lm_eval.models``, which ``pyproject.toml`` also declares) came in
 a later release. So the installed ``decoding_harness_lm_eval.pth`` imports this
 module at interpreter start. It costs a few microseconds: it only appends a
-finder to ``sys.meta_path``. It is a top-level module, not part of ``harness``:
-importing ``harness.*`` at start would bind the installed ``harness`` package
-in every interpreter and hide a checkout's own ``harness`` (edited code, a
-retrained draft) from tests and scripts run in it. Nothing of lm-eval or of this project is imported
+finder to ``sys.meta_path``. Nothing of lm-eval or of this project is imported
 until some program imports ``lm_eval.api.registry``; right after that module
 runs, the finder registers the three models there as lazy ``"module:Class"``
 placeholders, exactly as lm-eval registers its own.
+
+It is a top-level module, not part of ``harness``: importing ``harness.*`` at
+start would bind the installed ``harness`` package in every interpreter and
+hide a checkout's own ``harness`` (edited code, a retrained draft) from the
+tests and scripts run in it.
 """
 
 from __future__ import annotations
