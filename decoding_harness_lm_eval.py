@@ -1,13 +1,15 @@
-"""Make ``lm_eval --model mtad|specdecode|sampling`` find this project's models.
+"""Make ``lm_eval --model decoding`` and ``lm_eval --model NAME`` find this project's decoders.
 
 lm-eval 0.4.13 resolves ``--model NAME`` only against its own registry; entry
-points (group ``lm_eval.models``, which ``pyproject.toml`` also declares) came in
-a later release. So the installed ``decoding_harness_lm_eval.pth`` imports this
-module at interpreter start. It costs a few microseconds: it only appends a
-finder to ``sys.meta_path``. Nothing of lm-eval or of this project is imported
-until some program imports ``lm_eval.api.registry``; right after that module
-runs, the finder registers the three models there as lazy ``"module:Class"``
-placeholders, exactly as lm-eval registers its own.
+points (group ``lm_eval.models``, which ``pyproject.toml`` also declares for
+``decoding``) came in a later release. So the installed
+``decoding_harness_lm_eval.pth`` imports this module at interpreter start. It
+costs a few microseconds: it only appends a finder to ``sys.meta_path``.
+Nothing of lm-eval or of this project is imported until some program imports
+``lm_eval.api.registry``; right after that module runs, the finder registers
+``decoding`` and every name in ``decoders.available_decoders()`` there as lazy
+``"module:attribute"`` placeholders, exactly as lm-eval registers its own. No
+name is listed here: a decoder added to the registry is an lm-eval model too.
 
 It is a top-level module, not part of ``harness``: importing ``harness.*`` at
 start would bind the installed ``harness`` package in every interpreter and
@@ -22,35 +24,25 @@ import importlib.machinery
 import sys
 
 REGISTRY_MODULE = "lm_eval.api.registry"
-MODELS = {
-    "sampling": "harness.lm_eval_models:SamplingLM",
-    "specdecode": "harness.lm_eval_models:SpecDecodeLM",
-    "mtad": "harness.lm_eval_models:MTADLM",
-}
-#: Last lm-eval release without entry-point discovery of models.
-LAST_VERSION_WITHOUT_ENTRY_POINTS = (0, 4, 13)
+MODELS_MODULE = "harness.lm_eval_models"
 
 
-def _version_tuple(text: str) -> tuple[int, ...]:
-    parts = []
-    for piece in text.split(".")[:3]:
-        digits = "".join(c for c in piece if c.isdigit())
-        parts.append(int(digits or 0))
-    return tuple(parts)
+def models() -> dict[str, str]:
+    """``{lm-eval model name: lazy "module:attribute" path}`` for every registered decoder."""
+    from decoders import available_decoders  # only once lm-eval's registry loads: imports torch
+
+    return {"decoding": f"{MODELS_MODULE}:DecodingLM",
+            **{name: f"{MODELS_MODULE}:for_{name}" for name in available_decoders()}}
 
 
 def register(registry_module) -> None:
-    """Register the models in lm-eval's model registry (idempotent)."""
-    import lm_eval
-
-    if _version_tuple(lm_eval.__version__) > LAST_VERSION_WITHOUT_ENTRY_POINTS:
-        return  # lm-eval finds them through the entry points
+    """Register the models in lm-eval's model registry (idempotent; never hides lm-eval's own)."""
     # get_model() imports lm_eval.models only while the registry is empty;
     # import it first so our entries never hide the built-in models.
     import lm_eval.models  # noqa: F401
 
     registry = registry_module.model_registry
-    for name, target in MODELS.items():
+    for name, target in models().items():
         if name not in registry:
             registry.register(name, target=target)
 

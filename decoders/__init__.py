@@ -5,49 +5,50 @@
     >>> out = dec.generate(input_ids, max_new_tokens=64, generator=torch.Generator().manual_seed(0))
     >>> out.tokens, out.steps
 
+A method is one module: a ``Decoder`` subclass (or, for propose/verify methods,
+an ``AssistedDecoder`` with a ``Proposer`` and a verifier) whose ``name``
+registers it and whose ``Params`` dataclass declares its parameters. Methods
+outside this package are named ``module.path:ClassName`` or installed through
+the ``decoding_harness.decoders`` entry-point group (``decoders.registry``).
+
 This package never imports measurement or I/O libraries (zeus, pandas, lm_eval).
 """
 
 from __future__ import annotations
 
-import difflib
-import inspect
-
+from decoders import registry
+from decoders.assisted import AssistedDecoder, DraftModelProposer, Proposal, Proposer
 from decoders.base import Decoder, GenerationOutput, StepRecord
-from decoders.mtad import MTADDecoder, mtad_accept_length
-from decoders.sampling import SamplingDecoder
-from decoders.specdecode import SpeculativeDecoder, speculative_accept
-
-_REGISTRY: dict[str, type[Decoder]] = {
-    cls.name: cls for cls in (SamplingDecoder, SpeculativeDecoder, MTADDecoder)
-}
+from decoders.mtad import mtad_accept_length
+from decoders.params import DraftParams, FilterParams, ParamInfo, Params, param, redefault
+from decoders.specdecode import exact_verify, speculative_accept
 
 
 def available_decoders() -> list[str]:
-    """Names accepted by ``get_decoder``, sorted."""
-    return sorted(_REGISTRY)
+    """Names accepted by ``get_decoder``, sorted (plug-ins by module path come on top)."""
+    return registry.names()
 
 
 def decoder_class(name: str) -> type[Decoder]:
-    """The class registered under ``name``; unknown names raise with a suggestion."""
-    if name not in _REGISTRY:
-        close = difflib.get_close_matches(str(name), _REGISTRY, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown decoder {name!r}; known decoders: {', '.join(available_decoders())}.{hint}")
-    return _REGISTRY[name]
+    """The class of decoder ``name`` (a registered name or ``module:Class``).
+
+    Unknown names raise ``ValueError`` listing the known ones, with a suggestion.
+    """
+    return registry.lookup(name)
 
 
 def decoder_params(name: str) -> dict[str, object]:
     """Parameters decoder ``name`` accepts, with their defaults."""
-    cls = decoder_class(name)
-    names: dict[str, object] = {}
-    for klass in reversed(cls.__mro__):  # base-class filters first, subclass overrides last
-        if klass is object or "__init__" not in vars(klass):
-            continue
-        for p in inspect.signature(klass.__init__).parameters.values():
-            if p.kind is p.KEYWORD_ONLY:
-                names[p.name] = p.default
-    return names
+    from decoders.params import defaults
+
+    return defaults(decoder_class(name).Params)
+
+
+def decoder_param_info(name: str) -> dict[str, ParamInfo]:
+    """Parameters decoder ``name`` accepts, with their kinds, bounds and docs."""
+    from decoders.params import infos
+
+    return infos(decoder_class(name).Params)
 
 
 def check_execution_settings(**settings: object) -> None:
@@ -61,29 +62,23 @@ def check_execution_settings(**settings: object) -> None:
 def get_decoder(
     name: str, *, target, draft=None, cuda_graphs: bool = True, compile_model: bool = False, **params
 ) -> Decoder:
-    """Build decoder ``name`` for ``target`` (and ``draft`` for assisted decoders).
+    """Build decoder ``name`` for ``target`` (and ``draft`` for methods that need one).
 
     Args:
-        name: one of ``available_decoders()``.
+        name: one of ``available_decoders()``, or ``module.path:ClassName``.
         target: a transformers causal LM.
-        draft: a causal LM sharing the target's vocabulary (``specdecode``, ``mtad``).
+        draft: a causal LM sharing the target's vocabulary (``needs_draft`` methods).
         cuda_graphs: use the fast path (static KV cache, CUDA graphs) for models
             on one CUDA device; an execution setting, not a decoding parameter.
         compile_model: on the fast path, ``torch.compile`` each decode-step shape
             before capturing it (faster steps; the first call of each shape
             compiles, which takes tens of seconds for a 7B model).
-        **params: ``temperature``, ``top_k``, ``top_p`` for all decoders; ``gamma``
-            for ``specdecode`` and ``mtad``; ``beam_width``, ``accept_thres`` and
+        **params: the method's parameters (``decoder_param_info(name)`` lists
+            them): ``temperature``, ``top_k``, ``top_p`` for all; ``gamma`` for
+            the propose/verify methods; ``beam_width``, ``accept_thres`` and
             ``replacement`` for ``mtad``. Unknown parameters raise ``TypeError``.
     """
     cls = decoder_class(name)
-    known = decoder_params(name)
-    unknown = sorted(set(params) - set(known))
-    if unknown:
-        raise TypeError(
-            f"decoder {name!r} takes no parameter(s) {', '.join(unknown)}; "
-            f"it takes: {', '.join(sorted(known))}"
-        )
     check_execution_settings(cuda_graphs=cuda_graphs, compile_model=compile_model)
     decoder = cls(target, draft, **params)
     decoder.cuda_graphs, decoder.compile_model = cuda_graphs, compile_model
@@ -91,14 +86,26 @@ def get_decoder(
 
 
 __all__ = [
+    "AssistedDecoder",
     "Decoder",
+    "DraftModelProposer",
+    "DraftParams",
+    "FilterParams",
     "GenerationOutput",
+    "ParamInfo",
+    "Params",
+    "Proposal",
+    "Proposer",
     "StepRecord",
     "available_decoders",
     "check_execution_settings",
     "decoder_class",
+    "decoder_param_info",
     "decoder_params",
+    "exact_verify",
     "get_decoder",
     "mtad_accept_length",
+    "param",
+    "redefault",
     "speculative_accept",
 ]

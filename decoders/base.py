@@ -11,13 +11,17 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from transformers import PreTrainedModel
 
 from decoders import kv, static
+from decoders.params import FilterParams, ParamInfo, check_param
+from decoders.registry import register as _register
 
 EosIds = int | Sequence[int] | None
+_MAX_NEW_TOKENS = ParamInfo(int, "upper bound on new tokens", minimum=1)
 
 
 @dataclass(frozen=True)
@@ -99,28 +103,6 @@ class _Progress:
         return len(kept)
 
 
-def commit_block(
-    progress: _Progress, seq: torch.Tensor, drafts: torch.Tensor, n: torch.Tensor, extra: torch.Tensor,
-    drafted: int, target: kv.CachedModel, draft: kv.CachedModel,
-) -> torch.Tensor:
-    """Commit ``drafts[:n]`` plus the ``extra`` token and crop both caches to match.
-
-    ``n`` is a 0-dim tensor: reading it together with the tokens is the step's one
-    host synchronisation. The target cache keeps the committed prefix up to
-    ``x_n`` (the extra token is fed next step); the draft cache never held more
-    than the drafts it was fed. Returns the sequence (prompt + committed tokens)
-    extended by the new tokens.
-    """
-    values = torch.cat([n.view(1), drafts, extra.view(1)]).tolist()
-    accepted = values[0]
-    new = values[1 : 1 + accepted] + values[-1:]
-    progress.commit(new, drafted=drafted, accepted=accepted)
-    old_len = seq.shape[0]
-    target.crop(old_len + accepted)
-    draft.crop(min(draft.length, old_len + accepted))
-    return torch.cat([seq, drafts[:accepted], extra.view(1)])
-
-
 def _on_device(generator: torch.Generator, device: torch.device) -> torch.Generator:
     """A generator on ``device`` seeded from ``generator``, so noise needs no host copies.
 
@@ -142,28 +124,14 @@ def _eos_set(eos_token_id: EosIds) -> frozenset[int]:
     return frozenset(int(t) for t in eos_token_id)
 
 
-def check_int(name: str, value: object, minimum: int, hint: str = "") -> None:
-    """Raise unless ``value`` is an int (not bool) >= ``minimum``."""
-    # bool is an int subclass; "gamma: true" in a YAML profile is a mistake.
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}{hint}, got {value}")
-
-
-def check_float(name: str, value: object) -> float:
-    """Raise unless ``value`` is a real number; return it as float."""
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} ({value!r})")
-    return float(value)
-
-
 class Decoder(abc.ABC):
-    """Base class: holds the sampling filter parameters and validates inputs.
+    """Base class of every decoding method: parameters, input checks, caches.
 
-    Subclasses implement ``_generate`` and extend ``check_param`` for their own
-    parameters. ``temperature`` 0 means greedy (argmax); ``top_k`` 0 and
-    ``top_p`` 1.0 switch those filters off.
+    A subclass sets ``name`` (registered on definition), ``Params`` (a
+    ``decoders.params`` dataclass: its declaration is the whole parameter
+    interface), ``needs_draft``, and implements ``_generate``. Propose/verify
+    methods subclass ``decoders.assisted.AssistedDecoder`` instead, which owns
+    the iteration and asks only for a proposer and a verifier.
 
     Execution (not decoding) settings, as attributes:
         cuda_graphs: on a model that sits on one CUDA device, use a static KV
@@ -178,61 +146,60 @@ class Decoder(abc.ABC):
             per shape).
     """
 
-    name: str = ""
-    needs_draft: bool = False
+    name: ClassVar[str] = ""
+    Params: ClassVar[type[FilterParams]] = FilterParams
+    needs_draft: ClassVar[bool] = False
     cuda_graphs: bool = True
     static_cache: bool = False
     compile_model: bool = False
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("name"):  # its own name: a subclass without one is not a new method
+            _register(cls)
+
     @classmethod
-    def check_param(cls, name: str, value: object) -> None:
+    def check_param(cls, name: str, value: object) -> object:
         """Raise ``TypeError``/``ValueError`` if ``value`` is bad for parameter ``name``.
 
         Usable without models, so profiles are validated before anything loads.
+        Returns the value in its canonical type.
         """
-        if name == "temperature":
-            if check_float(name, value) < 0:
-                raise ValueError(f"temperature must be >= 0 (0 means greedy), got {value}")
-        elif name == "top_k":
-            check_int(name, value, 0, " (0 switches it off)")
-        elif name == "top_p":
-            if not 0.0 < check_float(name, value) <= 1.0:
-                raise ValueError(f"top_p must be in (0, 1] (1.0 switches it off), got {value}")
-        else:
-            raise TypeError(f"decoder {cls.name!r} takes no parameter {name!r}")
+        return check_param(cls.Params, cls.name, name, value)
 
-    def __init__(
-        self,
-        target: PreTrainedModel,
-        draft: PreTrainedModel | None = None,
-        *,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-    ) -> None:
-        for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p)):
-            self.check_param(name, value)
-        if self.needs_draft and draft is None:
-            raise ValueError(f"decoder {self.name!r} needs a draft model: pass draft=...")
-        if not self.needs_draft and draft is not None:
-            raise ValueError(f"decoder {self.name!r} takes no draft model; drop draft=...")
+    @classmethod
+    def check_draft(cls, has_draft: bool, how: str = "pass draft=...") -> None:
+        """Raise ``ValueError`` unless a draft is given exactly when the method needs one.
+
+        ``how`` names the way the caller's user passes a draft, for the message.
+        """
+        if cls.needs_draft and not has_draft:
+            raise ValueError(f"decoder {cls.name!r} needs a draft model: {how}")
+        if not cls.needs_draft and has_draft:
+            raise ValueError(f"decoder {cls.name!r} takes no draft model; drop the draft ({how})")
+
+    def __init__(self, target: PreTrainedModel, draft: PreTrainedModel | None = None, **params: object) -> None:
+        for key, value in params.items():  # one clear message per bad name or value
+            self.check_param(key, value)
+        self.config = self.Params(**params)
+        self.check_draft(draft is not None)
         if draft is not None:
-            t_vocab, d_vocab = kv.vocab_size(target), kv.vocab_size(draft)
-            if t_vocab != d_vocab:
-                raise ValueError(
-                    f"draft vocabulary size {d_vocab} differs from target vocabulary size "
-                    f"{t_vocab}; the draft must share the target's tokenizer"
-                )
+            kv.check_same_vocabulary(target, draft)
         self.target = target
         self.draft = draft
-        self.temperature = float(temperature)
-        self.top_k = int(top_k)
-        self.top_p = float(top_p)
 
     @property
     def params(self) -> dict[str, object]:
         """The decoder's parameters, as passed to ``get_decoder`` (JSON-friendly)."""
-        return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
+        return self.config.as_dict()
+
+    @property
+    def max_draft_tokens(self) -> int:
+        """The most tokens one iteration drafts (0 for methods that draft nothing).
+
+        Sizes the caches and the per-position statistics.
+        """
+        return 0
 
     @torch.inference_mode()
     def generate(
@@ -267,14 +234,14 @@ class Decoder(abc.ABC):
             raise ValueError(
                 f"input_ids must have shape (1, n) with n >= 1 (batch size 1), got {tuple(input_ids.shape)}"
             )
-        check_int("max_new_tokens", max_new_tokens, 1)
+        _MAX_NEW_TOKENS.check("max_new_tokens", max_new_tokens)
         if generator is None:
             generator = torch.Generator()
             generator.seed()
         progress = _Progress(max_new_tokens, _eos_set(eos_token_id), on_step, should_stop)
         device = kv.device_of(self.target)
         # Room for the prompt, the new tokens and one over-long final draft block.
-        self._max_length = input_ids.shape[1] + max_new_tokens + int(getattr(self, "gamma", 0)) + 1
+        self._max_length = input_ids.shape[1] + max_new_tokens + self.max_draft_tokens + 1
         self._open: list = []
         try:
             counts = self._generate(input_ids.to(device), progress, _on_device(generator, device))

@@ -39,6 +39,21 @@ def vocab_size(model: PreTrainedModel) -> int:
     return int(model.config.vocab_size)
 
 
+
+def check_same_vocabulary(target: PreTrainedModel, draft: PreTrainedModel, target_name: str = "target",
+                          draft_name: str = "draft") -> None:
+    """Raise ``ValueError`` unless ``draft`` emits logits over the target's vocabulary.
+
+    The one check of it: ``get_decoder`` and the model loader both call it
+    (the loader with the specs the user gave, as names).
+    """
+    t_vocab, d_vocab = vocab_size(target), vocab_size(draft)
+    if t_vocab != d_vocab:
+        raise ValueError(
+            f"{draft_name} vocabulary size {d_vocab} differs from {target_name} vocabulary size {t_vocab} "
+            f"(the target has {t_vocab} tokens); a draft must share the target's tokenizer"
+        )
+
 class CachedModel:
     """A causal LM with a reusable KV cache holding a prefix of the sequence.
 

@@ -9,11 +9,13 @@ it trades exactness for lower output perplexity.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from decoders import probs as P
-from decoders.base import Decoder, _Progress, check_float, check_int, commit_block
+from decoders.assisted import AssistedDecoder, DraftModelProposer, Proposal, Verdict
+from decoders.params import DraftParams, FilterParams, param, redefault
 
 
 def mtad_accept_length(log_p: torch.Tensor, log_q: torch.Tensor, accept_thres: float) -> torch.Tensor:
@@ -35,67 +37,35 @@ def mtad_accept_length(log_p: torch.Tensor, log_q: torch.Tensor, accept_thres: f
     return torch.where(ratio > math.log(accept_thres), depth, 0).max()
 
 
-class MTADDecoder(Decoder):
-    """Beam sampling on the draft, joint-likelihood verification by the target."""
+@dataclass(frozen=True)
+class MTADParams(DraftParams):
+    """MTAD's parameters; the defaults are the reference implementation's."""
 
-    name = "mtad"
-    needs_draft = True
+    beam_width: int = param(4, "beams of the draft's stochastic beam sampling", minimum=1)
+    accept_thres: float = param(0.5, "tau of the joint-likelihood test: accept while P/Q > tau", kind=float,
+                                minimum=0, maximum=1, exclusive_minimum=True,
+                                rule="> 0 and <= 1", note="the paper uses 0.5; above 1 a perfect draft fails")
+    replacement: bool = param(False, "sample the beams with replacement")
+    top_k: int = redefault(FilterParams, "top_k", 10)
+    top_p: float = redefault(FilterParams, "top_p", 0.9)
 
-    def __init__(
-        self,
-        target,
-        draft=None,
-        *,
-        gamma: int = 4,
-        beam_width: int = 4,
-        accept_thres: float = 0.5,
-        replacement: bool = False,
-        temperature: float = 1.0,
-        top_k: int = 10,
-        top_p: float = 0.9,
-    ) -> None:
-        super().__init__(target, draft, temperature=temperature, top_k=top_k, top_p=top_p)
-        for name, value in (("gamma", gamma), ("beam_width", beam_width), ("accept_thres", accept_thres),
-                            ("replacement", replacement)):
-            self.check_param(name, value)
-        self.gamma = gamma
-        self.beam_width = beam_width
-        self.accept_thres = float(accept_thres)
+
+class BeamProposer(DraftModelProposer):
+    """Steps 1-3: stochastic beam sampling on the draft; proposes the best beam."""
+
+    def __init__(self, cache, filters: tuple[float, int, float], width: int, replacement: bool) -> None:
+        super().__init__(cache, filters)
+        self.width = width
         self.replacement = replacement
 
-    @classmethod
-    def check_param(cls, name: str, value: object) -> None:
-        if name in ("gamma", "beam_width"):
-            check_int(name, value, 1)
-        elif name == "accept_thres":
-            if not check_float(name, value) > 0:
-                raise ValueError(f"accept_thres must be > 0 (the paper uses 0.5), got {value}")
-        elif name == "replacement":
-            if not isinstance(value, bool):
-                raise TypeError(f"replacement must be true or false, got {type(value).__name__} ({value!r})")
-        else:
-            super().check_param(name, value)
+    def propose(self, seq: torch.Tensor, budget: int, generator: torch.Generator) -> Proposal:
+        """The beam of the largest weight after ``budget`` depths, with its ``log q``.
 
-    @property
-    def params(self) -> dict[str, object]:
-        return {
-            **super().params,
-            "gamma": self.gamma,
-            "beam_width": self.beam_width,
-            "accept_thres": self.accept_thres,
-            "replacement": self.replacement,
-        }
-
-    def _draft_beams(self, draft, pending: torch.Tensor, g: int, generator: torch.Generator):
-        """Steps 1-3: stochastic beam sampling of ``g`` tokens; returns the best beam.
-
-        Returns ``(tokens (g,), log_q (g,))`` of the beam with the largest weight.
-        The draft cache is left holding that beam's first ``g - 1`` tokens.
+        The draft cache is left holding that beam's first ``budget - 1`` tokens.
         """
-        filt = (self.temperature, self.top_k, self.top_p)
-        width = self.beam_width
+        draft, width, g = self.cache, self.width, budget
         # 1. First tokens from q_1; weights are their probabilities, renormalised.
-        q1 = P.filtered_probs(draft(pending.view(1, -1), keep=1)[0, -1], *filt)
+        q1 = P.filtered_probs(draft(self.pending(seq).view(1, -1), keep=1)[0, -1], *self.filters)
         tokens = P.sample_many(q1, width, self.replacement, generator).view(width, 1)
         scores = q1[tokens[:, 0]]
         weights = scores / scores.sum()
@@ -104,7 +74,7 @@ class MTADDecoder(Decoder):
             draft.repeat(width)
         # 2. Extend every beam by one token per depth from weight_b * q(token | beam_b).
         for _ in range(g - 1):
-            q = P.filtered_probs(draft(tokens[:, -1:], keep=1)[:, -1], *filt)  # (width, V)
+            q = P.filtered_probs(draft(tokens[:, -1:], keep=1)[:, -1], *self.filters)  # (width, V)
             joint = (weights.unsqueeze(1) * q).flatten()
             pick = P.sample_many(joint, width, self.replacement, generator)
             parent, token = pick // q.shape[1], pick % q.shape[1]
@@ -118,27 +88,22 @@ class MTADDecoder(Decoder):
         best = weights.argmax()
         if g > 1:
             draft.select(best.view(1))
-        return P.row(tokens, best), P.row(log_q, best)
+        return Proposal(P.row(tokens, best), log_q=P.row(log_q, best))
 
-    def _generate(self, input_ids: torch.Tensor, progress: _Progress, generator: torch.Generator) -> tuple[int, int]:
-        target, draft = self._cache(self.target), self._cache(self.draft, rows=self.beam_width)
-        seq = input_ids[0]
-        filt = (self.temperature, self.top_k, self.top_p)
-        while not progress.finished:
-            g = min(self.gamma, progress.remaining - 1)
-            if g:
-                drafts, log_q = self._draft_beams(draft, seq[draft.length :], g, generator)
-            else:
-                drafts, log_q = seq.new_empty(0), None
-            # 4. One target forward over the unseen tail plus the kept beam.
-            tail = torch.cat([seq[target.length :], drafts])
-            p = P.filtered_probs(target(tail.view(1, -1), keep=g + 1)[0], *filt)
-            # 5. Longest prefix passing the joint-likelihood test (no random draw).
-            if g:
-                n = mtad_accept_length(P.log_probs_of(p[:g], drafts), log_q, self.accept_thres)
-            else:
-                n = torch.zeros((), dtype=torch.long, device=p.device)
-            # 6. Commit x_1..x_n plus one token drawn from p_{n+1} directly (no residual);
-            # crop the target cache to the committed prefix, the draft's to the kept beam's.
-            seq = commit_block(progress, seq, drafts, n, P.sample(P.row(p, n), generator), g, target, draft)
-        return target.forwards, draft.forwards
+
+class MTADDecoder(AssistedDecoder):
+    """Beam sampling on the draft, joint-likelihood verification by the target."""
+
+    name = "mtad"
+    needs_draft = True
+    Params = MTADParams
+
+    def make_proposer(self, input_ids: torch.Tensor) -> BeamProposer:
+        c = self.config
+        return BeamProposer(self._cache(self.draft, rows=c.beam_width), c.filters, c.beam_width, c.replacement)
+
+    def verify(self, p: torch.Tensor, proposal: Proposal, generator: torch.Generator) -> Verdict:
+        # 5. Longest prefix passing the joint-likelihood test (no random draw).
+        n = mtad_accept_length(P.log_probs_of(p[:-1], proposal.tokens), proposal.log_q, self.config.accept_thres)
+        # 6. x_1..x_n plus one token drawn from p_{n+1} directly (no residual).
+        return n, P.sample(P.row(p, n), generator)

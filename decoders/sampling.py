@@ -22,7 +22,7 @@ class SamplingDecoder(Decoder):
 
     def _generate(self, input_ids: torch.Tensor, progress: _Progress, generator: torch.Generator) -> tuple[int, int]:
         target = self._cache(self.target)
-        filt = (self.temperature, self.top_k, self.top_p)
+        filt = self.config.filters
 
         def queue_next(tokens: torch.Tensor) -> torch.Tensor:
             """Queue a forward and a draw on the device; nothing waits for them."""

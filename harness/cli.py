@@ -91,9 +91,40 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lm_eval.__main__ import cli_evaluate
 
     import decoding_harness_lm_eval  # noqa: F401  (registers the models even without the .pth file)
+    from harness.lm_eval_models import ModelArgsError
 
     sys.argv = ["lm_eval", *args.lm_eval_args]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except ModelArgsError as err:
+        _err_console().print(f"[red]error:[/red] {escape(str(err))}")
+        return 2
+    return 0
+
+
+def cmd_decoders(args: argparse.Namespace) -> int:
+    """List every registered decoder with its parameters, read from their declarations."""
+    from rich.table import Table
+
+    from decoders import available_decoders, decoder_class, decoder_param_info, decoder_params
+
+    names = args.names or available_decoders()
+    console = _stdout_console()
+    for name in names:
+        try:
+            cls = decoder_class(name)
+        except ValueError as err:
+            _err_console().print(f"[red]error:[/red] {escape(str(err))}")
+            return 2
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        table = Table(title=f"{name}{' (needs a draft model)' if cls.needs_draft else ''}: {doc}",
+                      title_justify="left")
+        for column in ("parameter", "default", "accepts", "meaning"):
+            table.add_column(column)
+        defaults = decoder_params(name)
+        for key, info in decoder_param_info(name).items():
+            table.add_row(key, repr(defaults[key]), info.describe(), info.doc)
+        console.print(table)
     return 0
 
 
@@ -131,10 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", help="also write the summary to this file")
     c.set_defaults(func=cmd_compare)
 
+    d = sub.add_parser("decoders", help="list the decoders and their parameters")
+    d.add_argument("names", nargs="*", metavar="NAME", help="only these (registered names or module:Class)")
+    d.set_defaults(func=cmd_decoders)
+
     e = sub.add_parser("eval", help="lm-evaluation-harness with this project's models (same flags as lm_eval)",
-                       description="Runs lm_eval with the sampling, specdecode and mtad models registered, "
-                                   "e.g. harness eval --model mtad --model_args pretrained=T,draft=D "
-                                   "--tasks harness_capitals --include_path tasks")
+                       description="Runs lm_eval with every decoder registered as a model (--model decoding "
+                                   "--model_args decoder=NAME,..., or --model NAME), e.g. harness eval --model mtad "
+                                   "--model_args pretrained=T,draft=D --tasks harness_capitals --include_path tasks")
     e.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="arguments for lm_eval")
     e.set_defaults(func=cmd_eval)
     return parser

@@ -10,6 +10,8 @@ by each generation's share of the window's time, and is flagged as estimated.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -107,3 +109,21 @@ def share_by_time(window: EnergyWindow, times_s: list[float]) -> list[float]:
     if window.time_s <= 0:
         return [0.0 for _ in times_s]
     return [window.total_j * t / window.time_s for t in times_s]
+
+
+@contextmanager
+def measured(meter: EnergyMeter | None, name: str) -> Iterator[list[EnergyWindow]]:
+    """One energy window around the ``with`` body: the list it yields holds the
+    window once the body ends; it stays empty without a meter, and a body that
+    raises cancels the window (no partial figure is recorded)."""
+    result: list[EnergyWindow] = []
+    if meter is None:
+        yield result
+        return
+    meter.begin(name)
+    try:
+        yield result
+    except BaseException:
+        meter.cancel(name)
+        raise
+    result.append(meter.end(name))

@@ -1,5 +1,8 @@
 """lm-evaluation-harness models backed by this project's decoders.
 
+``lm_eval --model decoding --model_args decoder=NAME,pretrained=TARGET,...`` serves
+every registered decoder (and ``decoder=module.path:ClassName`` for one outside
+this project); ``--model NAME`` is the same for a registered ``NAME``, e.g.
 ``lm_eval --model mtad --model_args pretrained=TARGET,draft=DRAFT,gamma=4,...``.
 Log-likelihood requests (multiple choice, perplexity) go to lm-eval's unchanged
 ``HFLM`` implementation; only ``generate_until`` runs our decoders, one request
@@ -17,7 +20,9 @@ given ``--output_path``).
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+import inspect
 import os
 import sys
 import time
@@ -30,15 +35,15 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from tqdm import tqdm
 
-from decoders import check_execution_settings, decoder_class, decoder_params, get_decoder
+from decoders import available_decoders, check_execution_settings, decoder_class, decoder_params, get_decoder
 from harness import trace
-from harness.energy import EnergyMeter, gpu_indices_for
+from harness.energy import EnergyMeter, gpu_indices_for, measured
 from harness.models import load_models, resolve_specs
 from harness.profile_spec import DecoderSpec
 from harness.prompts import Prompt
 from harness.quality import output_perplexity
-from harness.runner import RunRecord, _now, eos_ids, generation_row, generation_seed, timed_generate
-from harness.sysinfo import environment
+from harness.run_record import RunRecord
+from harness.runner import eos_ids, generation_row, generation_seed, timed_generate
 
 
 def _output_path_from_argv(argv: list[str]) -> str | None:
@@ -51,12 +56,38 @@ def _output_path_from_argv(argv: list[str]) -> str | None:
     return None
 
 
-class _DecodingLM(HFLM):
-    decoder_name = ""
+class ModelArgsError(ValueError):
+    """Bad ``--model_args``: printed as one line (no traceback) when nothing catches it."""
+
+
+def _one_line_excepthook(previous):
+    def hook(kind, err, tb):
+        if isinstance(err, ModelArgsError):
+            print(f"lm_eval: error: {err}", file=sys.stderr)
+        else:
+            previous(kind, err, tb)
+
+    return hook
+
+
+def _refuse(message: str) -> ModelArgsError:
+    """A ``ModelArgsError``; the command line prints it as one line if nothing catches it."""
+    if not getattr(sys.excepthook, "_decoding_harness", False):
+        sys.excepthook = _one_line_excepthook(sys.excepthook)
+        sys.excepthook._decoding_harness = True
+    return ModelArgsError(message)
+
+
+class DecodingLM(HFLM):
+    """``--model decoding``: any registered decoder, chosen with ``decoder=NAME`` in ``--model_args``."""
+
+    #: Set by the per-name classes (``--model mtad``); ``None`` for ``--model decoding``.
+    decoder_name: str | None = None
 
     def __init__(
         self,
         pretrained: str,
+        decoder: str | None = None,
         draft: str | None = None,
         dtype: str = "auto",
         device: str | None = None,
@@ -70,21 +101,25 @@ class _DecodingLM(HFLM):
         compile_model: bool = False,
         **kwargs: Any,
     ) -> None:
-        self.execution = {"cuda_graphs": cuda_graphs, "compile_model": compile_model}
-        check_execution_settings(**self.execution)  # before any model loads
-        known = decoder_params(self.decoder_name)
-        self.decoder_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in known}
-        for key, value in self.decoder_kwargs.items():
-            decoder_class(self.decoder_name).check_param(key, value)
-        needs_draft = decoder_class(self.decoder_name).needs_draft
-        if needs_draft and not draft:
-            raise ValueError(f"--model {self.decoder_name} needs a draft: --model_args pretrained=...,draft=...")
-        if not needs_draft and draft:
-            raise ValueError(f"--model {self.decoder_name} takes no draft; drop draft= from --model_args")
+        self.decoder_name = self._choose_decoder(decoder)
+        try:
+            cls = decoder_class(self.decoder_name)
+            self.execution = {"cuda_graphs": cuda_graphs, "compile_model": compile_model}
+            check_execution_settings(**self.execution)  # before any model loads
+            known = decoder_params(self.decoder_name)
+            self.decoder_kwargs = {k: cls.check_param(k, kwargs.pop(k)) for k in list(kwargs) if k in known}
+            cls.Params(**self.decoder_kwargs)  # rules between parameters
+            self._check_unknown(kwargs, cls)
+            cls.check_draft(bool(draft), "--model_args ...,draft=MODEL" if cls.needs_draft else "drop draft=")
+        except (TypeError, ValueError) as err:
+            raise _refuse(f"--model {self.decoder_name}: {err}") from None
         if str(batch_size) not in ("1", "auto"):
             print(f"{self.decoder_name}: decoding runs one request at a time; batch_size {batch_size} "
                   "applies to log-likelihood requests only", file=sys.stderr)
-        resolve_specs(pretrained, draft)  # before accelerate starts the process group
+        try:
+            resolve_specs(pretrained, draft)  # before accelerate starts the process group
+        except (FileNotFoundError, ValueError) as err:
+            raise _refuse(f"--model {self.decoder_name}: {err}") from None
         accelerator = None
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             # Data parallel (accelerate launch / torchrun): lm-eval shards requests by
@@ -127,6 +162,34 @@ class _DecodingLM(HFLM):
         self._calls = 0
         self._record: RunRecord | None = None
 
+    def _choose_decoder(self, decoder: str | None) -> str:
+        if self.decoder_name is not None:
+            if decoder not in (None, self.decoder_name):
+                raise _refuse(f"--model {self.decoder_name} runs decoder {self.decoder_name!r}; drop decoder="
+                              f"{decoder} or use --model decoding")
+            return self.decoder_name
+        if not decoder:
+            raise _refuse(f"--model decoding needs decoder=NAME in --model_args; known decoders: "
+                          f"{', '.join(available_decoders())} (or module.path:ClassName)")
+        try:
+            decoder_class(decoder)
+        except ValueError as err:
+            raise _refuse(str(err)) from None
+        return decoder
+
+    @staticmethod
+    def _check_unknown(kwargs: dict[str, Any], cls) -> None:
+        """Refuse model_args that neither the decoder, this adapter, nor lm-eval's HFLM takes."""
+        hflm = set(inspect.signature(HFLM.__init__).parameters) - {"self", "kwargs"}
+        ours = set(inspect.signature(DecodingLM.__init__).parameters) - {"self", "kwargs"}
+        unknown = sorted(set(kwargs) - hflm)
+        if unknown:
+            known = sorted(ours | set(decoder_params(cls.name)) | hflm)
+            close = difflib.get_close_matches(unknown[0], known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown model_args {', '.join(unknown)}{hint} (decoder {cls.name!r} takes: "
+                             f"{', '.join(decoder_params(cls.name))})")
+
     # -- generation ---------------------------------------------------------
 
     def _decoder(self, kwargs: dict[str, Any]):
@@ -159,9 +222,7 @@ class _DecodingLM(HFLM):
         if writer is not None and self._record is None:
             self._record = self._start_record()
         results = []
-        if self.meter:
-            self.meter.begin(sweep)
-        try:
+        with measured(self.meter, sweep) as window:
             for index, request in enumerate(tqdm(requests, disable=disable_tqdm or self.rank != 0,
                                                  desc=f"{self.decoder_name} generate_until")):
                 context, gen_kwargs = request.args
@@ -186,19 +247,13 @@ class _DecodingLM(HFLM):
                     row = generation_row(self._ctx(sweep), spec, decoder, prompt, index, 0, seed, out, time_s,
                                          ttft_s, ppl, text, eos)
                     writer.add(row, out.steps)
-        except BaseException:
-            if self.meter:
-                self.meter.cancel(sweep)
-            raise
-        if self.meter:
-            window = self.meter.end(sweep)
-            print(f"{self.decoder_name}: {window.total_j:.1f} J over {window.time_s:.2f} s "
-                  f"({window.mean_power_w:.0f} W)", file=sys.stderr)
+        if window:
+            print(f"{self.decoder_name}: {window[0].total_j:.1f} J over {window[0].time_s:.2f} s "
+                  f"({window[0].mean_power_w:.0f} W)", file=sys.stderr)
             if writer is not None:
-                self._record.add_window(writer, self.decoder_name, window)
+                self._record.add_window(writer, self.decoder_name, window[0])
         if self._record is not None:
-            self._record.data.update(status="complete", ended=_now())
-            self._record.save()
+            self._record.finish()
         return results
 
     # -- traces --------------------------------------------------------------
@@ -210,21 +265,17 @@ class _DecodingLM(HFLM):
 
     def _start_record(self) -> RunRecord:
         self.trace_dir.mkdir(parents=True, exist_ok=True)
+        dtype = str(self.models.dtype).removeprefix("torch.")
         profile = {
             "name": f"lm_eval-{self.decoder_name}",
             "models": {"target": self.models.target_spec, "draft": self.models.draft_spec,
-                       "dtype": str(self.models.dtype).removeprefix("torch."), "device": str(self.models.device)},
+                       "dtype": dtype, "device": str(self.models.device)},
             "generation": {"max_new_tokens": None, "repeats": 1, "warmup": 0, "seed": self.seed, **self.execution},
             "decoders": [{"name": self.decoder_name, "label": self.decoder_name, "params": self.decoder_kwargs}],
         }
-        name = trace.RUN_JSON if self.rank == 0 else f"rank-{self.rank}.json"
-        return RunRecord(self.trace_dir, {
-            "run_id": f"lm_eval-{self.decoder_name}-{int(time.time())}", "status": "running", "source": "lm_eval",
-            "command": sys.argv, "fingerprint": None, "profile": profile, "energy": self.meter is not None,
-            "started": _now(), "ended": None, "environment": environment([self.models.device]),
-            "model_info": {"dtype": profile["models"]["dtype"], "device": profile["models"]["device"]},
-            "energy_windows": [], "rank": self.rank, "world_size": self.world_size,
-        }, name=name)
+        return RunRecord.start(self.trace_dir, run_id=f"lm_eval-{self.decoder_name}-{int(time.time())}",
+                               source="lm_eval", profile=profile, fingerprint=None, energy=self.meter is not None,
+                               models=self.models, world_size=self.world_size, rank=self.rank)
 
     def get_model_info(self) -> dict:
         return {"decoder": self.decoder_name, "decoder_params": self.decoder_kwargs,
@@ -232,19 +283,30 @@ class _DecodingLM(HFLM):
                 "trace_dir": str(self.trace_dir) if self.trace_dir else None}
 
 
-class SamplingLM(_DecodingLM):
-    """``--model sampling``: autoregressive decoding through this project's loop."""
+def lm_class(name: str, class_name: str | None = None) -> type[DecodingLM]:
+    """The lm-eval model class of decoder ``name`` (what ``--model NAME`` resolves to)."""
+    if name not in _BY_NAME:
+        decoder_class(name)  # unknown names fail here, with suggestions
+        title = class_name or "".join(p.title() for p in name.replace(".", "_").replace(":", "_").split("_")) + "LM"
+        _BY_NAME[name] = type(title, (DecodingLM,), {
+            "decoder_name": name, "__doc__": f"``--model {name}``: decoding with this project's {name!r}.",
+            "__module__": __name__})
+    return _BY_NAME[name]
 
-    decoder_name = "sampling"
+
+_BY_NAME: dict[str, type[DecodingLM]] = {}
+#: Prefix of the attributes that lm-eval's lazy registry entries name (``module:for_NAME``).
+LAZY_PREFIX = "for_"
 
 
-class SpecDecodeLM(_DecodingLM):
-    """``--model specdecode``: exact speculative sampling."""
+def __getattr__(attr: str):
+    # lm-eval's registry resolves "harness.lm_eval_models:for_NAME" by getattr on this module.
+    if attr.startswith(LAZY_PREFIX):
+        return lm_class(attr[len(LAZY_PREFIX):])
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
 
-    decoder_name = "specdecode"
 
-
-class MTADLM(_DecodingLM):
-    """``--model mtad``: multi-token assisted decoding."""
-
-    decoder_name = "mtad"
+# The first three methods keep the class names they have always had (imports and results name them).
+SamplingLM = lm_class("sampling", "SamplingLM")
+SpecDecodeLM = lm_class("specdecode", "SpecDecodeLM")
+MTADLM = lm_class("mtad", "MTADLM")

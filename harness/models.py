@@ -28,7 +28,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from decoders.kv import vocab_size
+from decoders.kv import check_same_vocabulary
 from harness import tiny
 from harness.composed_draft import compose_draft
 
@@ -241,10 +241,7 @@ def load_models(
         device = str(dev)
     base = target_model if draft is not None and COMPOSED_DRAFTS.get(draft) == target else None
     draft_model = load_model(draft, dtype=dtype, device=device, base=base) if draft is not None else None
-    if draft_model is not None and vocab_size(draft_model) != vocab_size(target_model):
-        raise ValueError(
-            f"draft {draft!r} has vocabulary size {vocab_size(draft_model)} but target {target!r} has "
-            f"{vocab_size(target_model)}; a draft must share the target's tokenizer"
-        )
+    if draft_model is not None:
+        check_same_vocabulary(target_model, draft_model, f"target {target!r}", f"draft {draft!r}")
     tok = load_tokenizer(tokenizer or target)
     return LoadedModels(target_model, draft_model, tok, target, draft, resolved_dtype, dev)

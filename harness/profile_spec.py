@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from decoders import available_decoders, decoder_class, decoder_params
+from decoders import decoder_class, decoder_params
 
 
 class ProfileError(ValueError):
@@ -161,24 +161,31 @@ def _decoders(raw: object, problems: list[str]) -> list[DecoderSpec]:
         for key in sorted(set(entry) - {"name", "label", "params"}):
             problems.append(f"{where}.{key}: unknown key (known: name, label, params)")
         name, params = entry.get("name"), entry.get("params") or {}
-        if name not in available_decoders():
-            try:
-                decoder_class(str(name))
-            except ValueError as err:
-                problems.append(f"{where}.name: {err}")
+        try:
+            cls = decoder_class(name)
+        except ValueError as err:
+            problems.append(f"{where}.name: {err}")
             continue
         if not isinstance(params, dict):
             problems.append(f"{where}.params: must be a mapping, got {type(params).__name__}")
             continue
         known = decoder_params(name)
+        bad = False
         for key, value in params.items():
             if key not in known:
                 problems.append(f"{where}.params.{key}: {name} takes no such parameter (it takes: {', '.join(known)})")
+                bad = True
                 continue
             try:
-                decoder_class(name).check_param(key, value)
+                cls.check_param(key, value)
             except (TypeError, ValueError) as err:
                 problems.append(f"{where}.params.{key}: {err}")
+                bad = True
+        if not bad:
+            try:  # rules between parameters (e.g. min_ngram <= max_ngram)
+                cls.Params(**params)
+            except (TypeError, ValueError) as err:
+                problems.append(f"{where}.params: {err}")
         label = entry.get("label", name)
         if not isinstance(label, str) or not label or "/" in label:
             problems.append(f"{where}.label: must be a non-empty string without '/', got {label!r}")

@@ -55,17 +55,38 @@ def _paired(a: pd.DataFrame, b: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFram
     return m
 
 
+def _filters(params_json: str) -> tuple:
+    params = json.loads(params_json)
+    return tuple(params.get(k) for k in ("temperature", "top_k", "top_p"))
+
+
+def _baselines(gens: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The baseline's settings in the run, by label, in run order."""
+    base = gens[gens.decoder == BASELINE]
+    return {label: g for label, g in base.groupby("decoder_label", sort=False)}
+
+
+def _baseline_for(g: pd.DataFrame, baselines: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """The baseline setting a decoder setting is compared with: the one with the same filters
+    (temperature, top-k, top-p: greedy against greedy), else the first; empty if there is none."""
+    if not baselines:
+        return g.iloc[:0]
+    want = _filters(g.params_json.iloc[0])
+    same = [b for b in baselines.values() if _filters(b.params_json.iloc[0]) == want]
+    return same[0] if same else next(iter(baselines.values()))
+
+
 def summarise(run: RunData, label_by_run: bool = False) -> pd.DataFrame:
     """One row per decoder label: headline figures with 95% bootstrap CIs."""
     gens = run.gens
     rows = []
-    base = gens[gens.decoder == BASELINE]
     windows = _windows_by_label(run.info)
-    base_label = base.decoder_label.iloc[0] if len(base) else None
-    if len(base) and base.decoder_label.nunique() > 1:
-        run.notes.append(f"several {BASELINE} settings; speedups are against {base_label!r}")
-        base = base[base.decoder_label == base_label]
+    baselines = _baselines(gens)
+    if len(baselines) > 1:
+        run.notes.append(f"several {BASELINE} settings: each decoder is compared with the {BASELINE} setting of "
+                         f"its own temperature, top-k and top-p (else the first one)")
     for label, g in gens.groupby("decoder_label", sort=False):
+        base = _baseline_for(g, baselines)
         tps = ratio_of_sums_ci(g.new_tokens.to_numpy(), g.time_s.to_numpy())
         speedup = energy_ratio = NAN
         if len(base):

@@ -11,9 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +27,12 @@ from rich.progress import (
 from decoders import Decoder, GenerationOutput, decoder_class, get_decoder
 from harness import trace
 from harness.distributed import Ranks, init_ranks, shutdown
-from harness.energy import EnergyMeter, EnergyWindow, gpu_indices_for, share_by_time
+from harness.energy import EnergyMeter, gpu_indices_for, measured
 from harness.models import LoadedModels, load_models, resolve_device, resolve_specs
 from harness.profile_spec import DecoderSpec, Profile
 from harness.prompts import Prompt, tokenize_prompts
 from harness.quality import output_perplexity
-from harness.sysinfo import environment
+from harness.run_record import RunRecord
 
 
 class RunDirError(ValueError):
@@ -51,10 +48,6 @@ def generation_seed(base_seed: int, prompt_id: str, repeat: int) -> int:
     """Seed of one (prompt, repeat): identical for every decoder, so comparisons are paired."""
     digest = hashlib.sha256(f"{base_seed}/{prompt_id}/{repeat}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _sync(device: torch.device) -> None:
@@ -111,7 +104,7 @@ def generation_row(
     seed: int, out: GenerationOutput, time_s: float, ttft_s: float, ppl: float, text: str, eos: list[int],
 ) -> dict[str, Any]:
     n = len(out.tokens)
-    drafted_pos, accepted_pos = _position_counts(out, int(decoder.params.get("gamma", 0)))
+    drafted_pos, accepted_pos = _position_counts(out, decoder.max_draft_tokens)
     return {
         **ctx,
         "decoder_label": spec.label,
@@ -158,41 +151,6 @@ def _progress() -> Progress:
     )
 
 
-class RunRecord:
-    """``run.json``: written at the start, after every sweep, and at the end."""
-
-    def __init__(self, run_dir: Path, data: dict[str, Any], name: str = trace.RUN_JSON) -> None:
-        self.path = run_dir / name
-        self.data = data
-        self.save()
-
-    def save(self) -> None:
-        trace.atomic_write_json(self.path, self.data)
-
-    def add_window(self, writer: trace.SweepWriter, label: str, window: EnergyWindow) -> None:
-        """Share ``window`` out over the sweep's generations by time, and record it."""
-        writer.set_energy(share_by_time(window, writer.times_s))
-        tokens = writer.new_tokens
-        self.data.setdefault("energy_windows", []).append(
-            {
-                "sweep": writer.sweep,
-                "decoder_label": label,
-                "time_s": window.time_s,
-                "gpu_energy_j": {str(k): v for k, v in window.gpu_energy_j.items()},
-                "total_energy_j": window.total_j,
-                "mean_power_w": window.mean_power_w,
-                "generation_time_s": sum(writer.times_s),
-                "new_tokens": tokens,
-                "energy_per_token_j": window.total_j / tokens if tokens else None,
-                "monitor_overhead_s": window.overhead_s,
-                "monitor_overhead_fraction": window.overhead_s / window.time_s if window.time_s > 0 else None,
-                # NVML's counter moves about every 0.1 s: a window under a second is coarse.
-                "short_window": window.time_s < 1.0,
-            }
-        )
-        self.save()
-
-
 def prepare_run_dir(profile: Profile, run_dir: Path, resume: bool) -> dict[str, Any] | None:
     """Check the run directory; return the earlier run.json when resuming."""
     existing = run_dir / trace.RUN_JSON
@@ -211,21 +169,6 @@ def prepare_run_dir(profile: Profile, run_dir: Path, resume: bool) -> dict[str, 
             f"{profile.fingerprint()}); resume only with the same profile and --set values"
         )
     return old
-
-
-@contextmanager
-def _energy_window(meter: EnergyMeter | None, name: str) -> Iterator[list[EnergyWindow]]:
-    result: list[EnergyWindow] = []
-    if meter is None:
-        yield result
-        return
-    meter.begin(name)
-    try:
-        yield result
-    except BaseException:
-        meter.cancel(name)
-        raise
-    result.append(meter.end(name))
 
 
 def run_profile(
@@ -267,7 +210,10 @@ def run_profile(
     if ranks.is_main:
         if previous is not None:
             trace.drop_orphan_steps(run_dir)
-        record = _start_record(run_dir, profile, previous, models, meter, ranks)
+        record = RunRecord.start(run_dir, run_id=f"{profile.name}-{profile.fingerprint()}-{int(time.time())}",
+                                 source="profile", profile=profile.to_dict(), fingerprint=profile.fingerprint(),
+                                 energy=bool(meter), models=models, world_size=ranks.world_size,
+                                 previous=previous)
     ranks.barrier()
     if not ranks.is_main:  # the same run_id everywhere; windows go to a per-rank file
         data = trace.read_run_json(run_dir)
@@ -299,8 +245,7 @@ def run_profile(
     ranks.barrier()  # every rank's rows are on disk
     if ranks.is_main:
         _merge_rank_records(run_dir, record, ranks)
-        record.data.update(status="complete", ended=_now())
-        record.save()
+        record.finish()
     shutdown(ranks)
     return run_dir
 
@@ -315,7 +260,7 @@ def _run_sweep(spec, todo, sweep, models, prompts, gen, eos, ctx, run_dir, meter
         decoder.generate(prompts[0].input_ids.to(models.device), gen.max_new_tokens,
                          torch.Generator().manual_seed(w), eos)
     writer = trace.SweepWriter(run_dir, sweep)
-    with _energy_window(meter, sweep) as window:
+    with measured(meter, sweep) as window:
         for index, prompt, repeat in todo:
             seed = generation_seed(gen.seed, prompt.prompt_id, repeat)
             out, time_s, ttft_s = timed_generate(decoder, prompt, gen.max_new_tokens, seed, eos, models.device)
@@ -327,27 +272,6 @@ def _run_sweep(spec, todo, sweep, models, prompts, gen, eos, ctx, run_dir, meter
             bar.update(task, advance=1, tps=f"{writer.new_tokens / sum(writer.times_s):.1f}")
     if window:
         record.add_window(writer, spec.label, window[0])
-
-
-def _start_record(run_dir, profile, previous, models, meter, ranks) -> RunRecord:
-    prev = previous or {}
-    return RunRecord(run_dir, {
-        "run_id": prev.get("run_id") or f"{profile.name}-{profile.fingerprint()}-{int(time.time())}",
-        "status": "running",
-        "fingerprint": profile.fingerprint(),
-        "profile": profile.to_dict(),
-        "energy": bool(meter),
-        "world_size": ranks.world_size,
-        "started": prev.get("started") or _now(),
-        "resumed": [*prev.get("resumed", []), _now()] if previous else [],
-        "ended": None,
-        "environment": environment(models.devices),
-        "model_info": {"dtype": str(models.dtype).removeprefix("torch."), "device": str(models.device),
-                       "device_map": getattr(models.target, "hf_device_map", None),
-                       "target_params": models.target.num_parameters(),
-                       "draft_params": models.draft.num_parameters() if models.draft is not None else None},
-        "energy_windows": prev.get("energy_windows", []),
-    })
 
 
 def _merge_rank_records(run_dir: Path, record: RunRecord, ranks: Ranks) -> None:

@@ -5,14 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from decoders import available_decoders, decoder_params, get_decoder
+from decoders import available_decoders, decoder_class, decoder_params, get_decoder
 from tests.conftest import random_llama
 
-ALL = ["sampling", "specdecode", "mtad"]
+ALL = available_decoders()
+NEEDS_DRAFT = [name for name in ALL if decoder_class(name).needs_draft]
 
 
 def make(name, tiny, **params):
-    draft = None if name == "sampling" else tiny.draft
+    draft = tiny.draft if decoder_class(name).needs_draft else None
     return get_decoder(name, target=tiny.target, draft=draft, **params)
 
 
@@ -21,7 +22,8 @@ def run(dec, prompt, seed=0, n=40, eos=None):
 
 
 def test_available_decoders_sorted():
-    assert available_decoders() == ["mtad", "sampling", "specdecode"]
+    assert ALL == sorted(ALL)
+    assert {"mtad", "prompt_lookup", "sampling", "specdecode"} <= set(ALL)
 
 
 def test_mtad_reference_defaults(tiny):
@@ -57,7 +59,7 @@ def test_exactly_max_new_tokens_without_eos(tiny, prompt, name, n):
 @pytest.mark.parametrize("name", ALL)
 def test_stops_at_eos_inside_an_accepted_block(tiny, prompt, name):
     # draft == target at temperature 0 accepts whole blocks, so EOS lands mid-block.
-    draft = None if name == "sampling" else tiny.target
+    draft = tiny.target if name in NEEDS_DRAFT else None
     dec = get_decoder(name, target=tiny.target, draft=draft, temperature=0.0, top_k=0, top_p=1.0)
     free = run(dec, prompt, n=30).tokens.tolist()
     # Pick as EOS a token whose first occurrence is mid-output and, with gamma 4
@@ -66,7 +68,7 @@ def test_stops_at_eos_inside_an_accepted_block(tiny, prompt, name):
     eos = free[pos]
     out = run(dec, prompt, n=30, eos=[999, eos])
     assert out.tokens.tolist() == free[: pos + 1]
-    if name != "sampling":
+    if name in NEEDS_DRAFT:
         last = out.steps[-1]
         assert last.committed < last.accepted + 1, "EOS should have cut an accepted block"
 
@@ -106,7 +108,7 @@ def test_mtad_with_replacement_runs_and_differs(tiny, prompt):
 
 
 def test_unknown_decoder_lists_names_and_suggests(tiny):
-    with pytest.raises(ValueError, match=r"known decoders: mtad, sampling, specdecode.*Did you mean 'specdecode'"):
+    with pytest.raises(ValueError, match=rf"known decoders: {', '.join(ALL)}.*Did you mean 'specdecode'"):
         get_decoder("specdecod", target=tiny.target, draft=tiny.draft)
 
 
@@ -146,18 +148,19 @@ def test_execution_settings_must_be_booleans(tiny, option):
     assert getattr(get_decoder("sampling", target=tiny.target, **{option: False}), option) is False
 
 
-@pytest.mark.parametrize("name", ["specdecode", "mtad"])
+@pytest.mark.parametrize("name", NEEDS_DRAFT)
 def test_missing_draft(tiny, name):
     with pytest.raises(ValueError, match="needs a draft model"):
         get_decoder(name, target=tiny.target)
 
 
-def test_sampling_refuses_a_draft(tiny):
+@pytest.mark.parametrize("name", sorted(set(ALL) - set(NEEDS_DRAFT)))
+def test_methods_without_a_draft_model_refuse_one(tiny, name):
     with pytest.raises(ValueError, match="takes no draft"):
-        get_decoder("sampling", target=tiny.target, draft=tiny.draft)
+        get_decoder(name, target=tiny.target, draft=tiny.draft)
 
 
-@pytest.mark.parametrize("name", ["specdecode", "mtad"])
+@pytest.mark.parametrize("name", NEEDS_DRAFT)
 def test_vocabulary_mismatch(tiny, name):
     vocab = tiny.target.config.vocab_size
     other = random_llama(vocab + 3, seed=0)

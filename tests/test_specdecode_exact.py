@@ -41,11 +41,11 @@ def pair():
     return target, draft
 
 
-def exact_joint(target, filters) -> torch.Tensor:
+def exact_joint(target, filters, prompt: torch.Tensor = PROMPT) -> torch.Tensor:
     """p(t1, t2 | prompt) for all 36 pairs, by enumeration."""
     with torch.inference_mode():
-        p1 = filtered_probs(target(PROMPT).logits[0, -1], **filters)
-        rows = torch.cat([PROMPT.repeat(VOCAB, 1), torch.arange(VOCAB).view(-1, 1)], dim=1)
+        p1 = filtered_probs(target(prompt).logits[0, -1], **filters)
+        rows = torch.cat([prompt.repeat(VOCAB, 1), torch.arange(VOCAB).view(-1, 1)], dim=1)
         p2 = filtered_probs(target(rows).logits[:, -1], **filters)
     return p1.unsqueeze(1) * p2  # (t1, t2)
 

@@ -1,0 +1,81 @@
+"""``prompt_lookup``: prompt lookup decoding (Saxena 2023), verified exactly.
+
+Drafts come from the text itself: find the most recent earlier occurrence of the
+last ``n`` tokens of prompt + output (``n = max_ngram .. min_ngram``, longest
+first) and propose the up to ``gamma`` tokens that followed it. No draft model,
+no draft cache; no match means no draft, and that step is plain sampling. The
+drafts are deterministic (``q`` one-hot), so exact speculative acceptance keeps
+the target's distribution, and at temperature 0 the output is greedy
+``sampling``'s. It pays where output copies input: editing, summarising, code.
+Known as ``prompt_lookup_num_tokens`` in transformers and ``ngram`` in vLLM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from decoders.assisted import AssistedDecoder, Proposal, Proposer, Verdict
+from decoders.params import DraftParams, param, redefault
+from decoders.specdecode import exact_verify
+
+
+@dataclass(frozen=True)
+class PromptLookupParams(DraftParams):
+    gamma: int = redefault(DraftParams, "gamma", 8)
+    max_ngram: int = param(3, "longest suffix n-gram to look up", minimum=1)
+    min_ngram: int = param(1, "shortest suffix n-gram to look up", minimum=1)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.min_ngram > self.max_ngram:
+            raise ValueError(f"min_ngram ({self.min_ngram}) must be <= max_ngram ({self.max_ngram})")
+
+
+class NgramProposer(Proposer):
+    """Proposes the continuation of the latest earlier match of the sequence's suffix.
+
+    Example: with history ``a b c d b c`` and ``max_ngram=2``, the suffix ``b c``
+    occurred at position 1, so the proposal is what followed it: ``d b c``
+    (cut to the budget).
+    """
+
+    def __init__(self, prompt: list[int], max_ngram: int, min_ngram: int, device: torch.device) -> None:
+        self.history = np.asarray(prompt, dtype=np.int64)
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.device = device
+
+    def propose(self, seq: torch.Tensor, budget: int, generator: torch.Generator) -> Proposal:
+        found = self.lookup(budget)
+        return Proposal(torch.tensor(found, dtype=torch.long).to(self.device, non_blocking=True))
+
+    def lookup(self, budget: int) -> list[int]:
+        """The up to ``budget`` tokens after the latest earlier match of the longest suffix that has one."""
+        h = self.history
+        for n in range(min(self.max_ngram, len(h) - 1), self.min_ngram - 1, -1):
+            # Windows starting at 0 .. len - n - 1: each is followed by at least one token.
+            windows = np.lib.stride_tricks.sliding_window_view(h[:-1], n)
+            hits = np.flatnonzero((windows == h[-n:]).all(axis=1))
+            if hits.size:
+                start = int(hits[-1]) + n
+                return h[start : start + budget].tolist()
+        return []
+
+    def commit(self, tokens: list[int], kept: int) -> None:
+        self.history = np.concatenate([self.history, np.asarray(tokens, dtype=np.int64)])
+
+
+class PromptLookupDecoder(AssistedDecoder):
+    """n-gram lookup over prompt and output as the drafter; exact verification."""
+
+    name = "prompt_lookup"
+    Params = PromptLookupParams
+
+    def make_proposer(self, input_ids: torch.Tensor) -> NgramProposer:
+        c = self.config
+        return NgramProposer(input_ids[0].tolist(), c.max_ngram, c.min_ngram, input_ids.device)
+
+    def verify(self, p: torch.Tensor, proposal: Proposal, generator: torch.Generator) -> Verdict:
+        return exact_verify(p, proposal, generator)
