@@ -33,7 +33,7 @@ from harness.distributed import Ranks, init_ranks, shutdown
 from harness.energy import EnergyMeter, EnergyWindow, gpu_indices_for, share_by_time
 from harness.models import LoadedModels, load_models, resolve_device, resolve_specs
 from harness.profile_spec import DecoderSpec, Profile
-from harness.prompts import Prompt, tokenize_prompts
+from harness.prompts import Prompt, check_context_length, tokenize_prompts
 from harness.quality import output_perplexity
 from harness.sysinfo import environment
 
@@ -210,6 +210,7 @@ def prepare_run_dir(profile: Profile, run_dir: Path, resume: bool) -> dict[str, 
             f"{run_dir} was started with a different profile (fingerprint {old.get('fingerprint')} != "
             f"{profile.fingerprint()}); resume only with the same profile and --set values"
         )
+    trace.check_tables(run_dir)  # a damaged part fails here, before the model load
     return old
 
 
@@ -263,10 +264,11 @@ def run_profile(
     if energy and meter is not None and profile.models.device_map:
         meter = EnergyMeter(gpu_indices_for(models.devices))  # every GPU the split target uses
     prompts = tokenize_prompts(profile.prompts, profile.base_dir, models.tokenizer)
+    check_context_length(prompts, profile.generation.max_new_tokens, models.by_spec())
     run_dir.mkdir(parents=True, exist_ok=True)
     if ranks.is_main:
         if previous is not None:
-            trace.drop_orphan_steps(run_dir)
+            trace.prepare_resume(run_dir)
         record = _start_record(run_dir, profile, previous, models, meter, ranks)
     ranks.barrier()
     if not ranks.is_main:  # the same run_id everywhere; windows go to a per-rank file
