@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -28,6 +29,30 @@ def _quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
+def _error(message: str) -> int:
+    """Print one ``error:`` line; return the bad-input exit code."""
+    _err_console().print(f"[red]error:[/red] {escape(message)}")
+    return 2
+
+
+def _interrupted(args: argparse.Namespace, run_dir: Path) -> int:
+    """Ctrl-C during ``harness profile``: say what is kept and how to complete it."""
+    from harness import trace
+
+    if not (run_dir / trace.RUN_JSON).is_file():
+        message = f"interrupted before the run started; nothing was written to {run_dir}"
+    else:
+        try:
+            kept = f"{len(trace.read_table(run_dir))} generation(s) are saved in {run_dir}"
+        except trace.CorruptRunError as err:
+            kept = str(err)
+        command = shlex.join(["harness", "profile", args.profile, "-o", str(run_dir), "--resume",
+                              *[a for item in args.set for a in ("--set", item)]])
+        message = f"interrupted: {kept}; complete the run with: {command}"
+    _err_console().print(f"[yellow]{escape(message)}[/yellow]")
+    return 130
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
     from harness.energy import EnergyUnavailableError
     from harness.profile_spec import ProfileError, load_profile
@@ -37,15 +62,17 @@ def cmd_profile(args: argparse.Namespace) -> int:
     try:
         profile = load_profile(args.profile, args.set)
     except ProfileError as err:
-        console.print(f"[red]error:[/red] {escape(str(err))}")
-        return 2
+        return _error(str(err))
+    for warning in profile.warnings:
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
     run_dir = Path(args.output) if args.output else default_run_dir(profile)
     _quiet_transformers()
     try:
         run_profile(profile, run_dir, energy=args.energy, resume=args.resume, show_progress=not args.no_progress)
     except (RunDirError, EnergyUnavailableError, FileNotFoundError, ValueError, OSError) as err:
-        console.print(f"[red]error:[/red] {escape(str(err))}")
-        return 2
+        return _error(str(err))
+    except KeyboardInterrupt:
+        return _interrupted(args, run_dir)
     if os.environ.get("RANK", "0") != "0":
         return 0  # under torchrun, rank 0 summarises the whole run
     from harness.summary import print_summary
@@ -53,35 +80,45 @@ def cmd_profile(args: argparse.Namespace) -> int:
     console = _stdout_console()
     print_summary(run_dir, console)
     if not args.no_report:
+        from harness.outputs import OutputPathError
         from harness.report import render_report
 
-        console.print(f"report: {render_report([run_dir], run_dir / 'report.html')}")
+        try:
+            console.print(f"report: {render_report([run_dir], run_dir / 'report.html')}")
+        except (OutputPathError, OSError) as err:
+            # The run is complete; only its HTML view is missing.
+            _err_console().print(
+                f"[yellow]warning:[/yellow] {escape(str(err))}. The run is complete and its traces in {run_dir} are "
+                f"fine; render the report elsewhere with: harness report {run_dir} -o FILE.html")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from harness.outputs import OutputPathError
     from harness.report import render_report
+    from harness.trace import CorruptRunError
 
     try:
         out = render_report(args.runs, args.output, title=args.title)
-    except FileNotFoundError as err:
-        _err_console().print(f"[red]error:[/red] {escape(str(err))}")
-        return 2
+    except (FileNotFoundError, CorruptRunError, OutputPathError) as err:
+        return _error(str(err))
     print(f"report written to {out}")
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from harness.compare import CompareInputError, compare_runs, to_html, to_markdown
+    from harness.outputs import OutputPathError, check_output_file, write_output_file
 
     try:
-        result = compare_runs(args.baseline, args.current, args.max_slowdown, args.checks)
-    except CompareInputError as err:
-        _err_console().print(f"[red]error:[/red] {escape(str(err))}")
-        return 2
-    text = to_markdown(result) if args.format == "md" else to_html(result)
-    if args.output:
-        Path(args.output).write_text(text)
+        if args.output:
+            check_output_file(args.output)
+        result = compare_runs(args.baseline, args.current, args.max_slowdown, args.checks, args.allow_partial)
+        text = to_markdown(result) if args.format == "md" else to_html(result)
+        if args.output:
+            write_output_file(args.output, text.encode())
+    except (CompareInputError, OutputPathError) as err:
+        return _error(str(err))
     if args.format == "md" or not args.output:
         print(text)
     return 1 if result.regressed else 0
@@ -151,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_report)
 
     c = sub.add_parser("compare", help="regression gate: compare a current run with a baseline run",
-                       description="Exit code 0: no regression; 1: regression; 2: bad input.")
+                       description="Exit code 0: no regression; 1: regression; 2: bad input (a run missing, "
+                                   "corrupt, not comparable, incomplete, or missing generations the baseline has).")
     c.add_argument("baseline", metavar="BASELINE_RUN")
     c.add_argument("current", metavar="CURRENT_RUN")
     c.add_argument("--max-slowdown", type=float, default=0.05,
@@ -160,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="deterministic: tokens, acceptance counts, perplexity; timing: time and energy per token")
     c.add_argument("--format", choices=["md", "html"], default="md")
     c.add_argument("-o", "--output", help="also write the summary to this file")
+    c.add_argument("--allow-partial", action="store_true",
+                   help="compare an incomplete run, or one missing generations of the baseline, on what both "
+                        "runs hold (the summary says how much that is) instead of refusing it")
     c.set_defaults(func=cmd_compare)
 
     d = sub.add_parser("decoders", help="list the decoders and their parameters")
@@ -182,7 +223,11 @@ def main(argv: list[str] | None = None) -> int:
         # argparse cannot pass option-like arguments through to lm_eval untouched.
         return cmd_eval(argparse.Namespace(lm_eval_args=argv[1:]))
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:  # report, compare, or a profile's summary: nothing to complete
+        _err_console().print("[yellow]interrupted[/yellow]")
+        return 130
 
 
 if __name__ == "__main__":

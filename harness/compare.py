@@ -5,6 +5,11 @@ flagged only when the whole interval lies beyond the allowed slowdown, so noise
 alone does not cry wolf. Deterministic figures (tokens at fixed seeds, acceptance
 counts, output perplexity) compare exactly, or within a stated tolerance.
 
+Only complete runs are compared: a run whose run.json status is not
+"complete", or a current run missing decoder labels or generations the baseline
+has, is bad input unless partial runs are allowed explicitly; the summary says
+how much was compared either way.
+
 Exit codes: 0 nothing regressed, 1 something did, 2 bad input.
 """
 
@@ -19,6 +24,7 @@ import pandas as pd
 
 from harness.report import load_run
 from harness.stats import ratio_of_ratios_ci
+from harness.trace import CorruptRunError
 
 KEYS = ["decoder_label", "prompt_id", "repeat"]
 PPL_RTOL = 1e-4  # float32 perplexity from the same tokens: equal up to reduction order
@@ -26,7 +32,7 @@ CHECKS = ("all", "deterministic", "timing")
 
 
 class CompareInputError(ValueError):
-    """Runs that cannot be compared (missing, empty, or with nothing in common)."""
+    """Runs that cannot be compared (missing, corrupt, empty, partial, or with nothing in common)."""
 
 
 @dataclass
@@ -44,6 +50,16 @@ class Comparison:
     max_slowdown: float
     findings: list[Finding] = field(default_factory=list)
     unmatched: list[str] = field(default_factory=list)
+    compared: int = 0  # generations matched in both runs
+    baseline_generations: int = 0
+    compared_labels: int = 0
+    baseline_labels: int = 0
+    partial: list[str] = field(default_factory=list)  # why a run is partial (only with allow_partial)
+
+    @property
+    def coverage(self) -> str:
+        return (f"Compared {self.compared} of {self.baseline_generations} baseline generations "
+                f"({self.compared_labels} of {self.baseline_labels} decoder labels).")
 
     @property
     def regressed(self) -> bool:
@@ -53,7 +69,7 @@ class Comparison:
 def _load(path: str | Path, role: str):
     try:
         run = load_run(path)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, CorruptRunError) as err:
         raise CompareInputError(f"{role} run: {err}") from None
     if run.gens.empty:
         raise CompareInputError(f"{role} run {path} holds no generations")
@@ -61,8 +77,13 @@ def _load(path: str | Path, role: str):
 
 
 def compare_runs(baseline: str | Path, current: str | Path, max_slowdown: float = 0.05,
-                 checks: str = "all") -> Comparison:
-    """Match generations by (decoder label, prompt, repeat) and check each decoder label."""
+                 checks: str = "all", allow_partial: bool = False) -> Comparison:
+    """Match generations by (decoder label, prompt, repeat) and check each decoder label.
+
+    Raises:
+        CompareInputError: a run is missing, corrupt, empty or not comparable, or
+            partial (incomplete, or missing what the baseline has) without ``allow_partial``.
+    """
     if checks not in CHECKS:
         raise CompareInputError(f"checks must be one of {', '.join(CHECKS)}, got {checks!r}")
     if not max_slowdown >= 0:
@@ -76,7 +97,13 @@ def compare_runs(baseline: str | Path, current: str | Path, max_slowdown: float 
             f"current: {sorted(cur.gens.decoder_label.unique())})"
         )
     _check_comparable(base, cur, m)
-    result = Comparison(str(baseline), str(current), max_slowdown)
+    partial = _partial(base, cur, m, baseline, current)
+    if partial and not allow_partial:
+        raise CompareInputError("cannot vouch for a partial run: " + "; ".join(partial)
+                                + "; or pass --allow-partial to compare only what both runs hold")
+    result = Comparison(str(baseline), str(current), max_slowdown, compared=len(m),
+                        baseline_generations=len(base.gens), compared_labels=m.decoder_label.nunique(),
+                        baseline_labels=base.gens.decoder_label.nunique(), partial=partial)
     for side, run in (("baseline", base), ("current", cur)):
         keys = set(map(tuple, run.gens[KEYS].to_numpy().tolist()))
         missing = keys - set(map(tuple, m[KEYS].to_numpy().tolist()))
@@ -93,6 +120,23 @@ def compare_runs(baseline: str | Path, current: str | Path, max_slowdown: float 
                 result.findings.append(_ratio_check(label, "energy per token", g.gpu_energy_j_c, g.new_tokens_c,
                                                     g.gpu_energy_j_b, g.new_tokens_b, max_slowdown))
     return result
+
+
+def _partial(base, cur, m: pd.DataFrame, baseline: str | Path, current: str | Path) -> list[str]:
+    """Why the comparison would not cover both runs in full (empty when it would)."""
+    problems = []
+    for role, run, path in (("baseline", base, baseline), ("current", cur, current)):
+        status = run.info.get("status")
+        if status != "complete":
+            problems.append(f"the {role} run {path} is incomplete (run.json status {status!r}); complete it with "
+                            f"harness profile PROFILE -o {path} --resume (same profile and --set values)")
+    missing = len(base.gens) - len(m)
+    if missing:
+        labels = sorted(set(base.gens.decoder_label) - set(cur.gens.decoder_label))
+        which = f", all of decoder label(s) {', '.join(labels)}" if labels else ""
+        problems.append(f"{missing} of {len(base.gens)} baseline generations are missing from the current run "
+                        f"{current}{which}")
+    return problems
 
 
 def _check_comparable(base, cur, m: pd.DataFrame) -> None:
@@ -149,6 +193,7 @@ def to_markdown(c: Comparison) -> str:
     lines = [f"### Decoding benchmark comparison: {verdict}", "",
              f"Baseline `{c.baseline}` vs current `{c.current}`; a slowdown is flagged when its whole 95% "
              f"interval exceeds {c.max_slowdown:.0%}.", "",
+             c.coverage + "".join(f" Partial run allowed: {p}." for p in c.partial), "",
              "| decoder | check | status | detail |", "|---|---|---|---|"]
     lines += [f"| {f.label} | {f.check} | {_ICON[f.status]} {f.status} | {f.detail} |" for f in c.findings]
     if c.unmatched:
@@ -161,8 +206,10 @@ def to_html(c: Comparison) -> str:
         f"<tr><td>{html.escape(f.label)}</td><td>{html.escape(f.check)}</td><td>{_ICON[f.status]} {f.status}</td>"
         f"<td>{html.escape(f.detail)}</td></tr>" for f in c.findings)
     verdict = "Regression found" if c.regressed else "No regression"
+    partial = "".join(f"<p>Partial run allowed: {html.escape(p)}.</p>" for p in c.partial)
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{verdict}</title></head><body>"
             f"<h1>{verdict}</h1><p>Baseline <code>{html.escape(c.baseline)}</code> vs current "
             f"<code>{html.escape(c.current)}</code>; allowed slowdown {c.max_slowdown:.0%}.</p>"
+            f"<p>{html.escape(c.coverage)}</p>{partial}"
             f"<table border='1' cellpadding='4'><tr><th>decoder</th><th>check</th><th>status</th><th>detail</th></tr>"
             f"{rows}</table><p>{html.escape('; '.join(c.unmatched))}</p></body></html>")

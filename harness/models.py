@@ -62,6 +62,13 @@ class LoadedModels:
         found = {p.device for m in (self.target, self.draft) if m is not None for p in m.parameters()}
         return sorted(found, key=str)
 
+    def by_spec(self) -> dict[str, PreTrainedModel]:
+        """Spec -> model for the target and, when loaded, the draft."""
+        found = {self.target_spec: self.target}
+        if self.draft is not None and self.draft_spec is not None:
+            found[self.draft_spec] = self.draft
+        return found
+
 
 def _cache_dir() -> Path:
     root = os.environ.get("DECODING_HARNESS_CACHE") or os.path.join(
@@ -162,7 +169,10 @@ def resolve_specs(*specs: str | None) -> None:
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"{device!r} is not a device ({err}); use auto, cpu, cuda, cuda:N or mps") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU; use device: cpu")
     return dev

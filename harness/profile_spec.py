@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from decoders import decoder_class, decoder_params
@@ -84,11 +85,13 @@ class Profile:
     generation: GenerationSpec
     decoders: tuple[DecoderSpec, ...]
     base_dir: str = "."  # folder that relative paths in the profile are read from
+    warnings: tuple[str, ...] = ()  # what validation changed or ignored (the CLI prints these)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved profile as plain data (what run.json records)."""
         data = asdict(self)
         data.pop("base_dir")
+        data.pop("warnings")
         data["prompts"]["items"] = list(self.prompts.items)
         data["decoders"] = [asdict(d) for d in self.decoders]
         return data
@@ -111,6 +114,16 @@ _TYPES = {
 }
 _MINIMUM = {"max_new_tokens": 1, "repeats": 1, "warmup": 0, "seed": 0, "limit": 1}
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _device_problem(device: str) -> str | None:
+    if device == "auto":
+        return None
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError):
+        return f"models.device: {device!r} is not a device; use auto, cpu, cuda, cuda:N or mps"
+    return None
 
 
 def _type_name(kind) -> str:
@@ -202,6 +215,7 @@ def parse_profile(raw: object, source: str = "<profile>", base_dir: str = ".") -
     if not isinstance(raw, dict):
         raise ProfileError(source, [f"<root>: must be a mapping, got {type(raw).__name__}"])
     problems: list[str] = []
+    warnings: list[str] = []
     for key in sorted(set(raw) - set(_SECTIONS)):
         problems.append(f"{key}: unknown key (known: {', '.join(_SECTIONS)})")
     name = raw.get("name", Path(source).stem)
@@ -218,9 +232,16 @@ def parse_profile(raw: object, source: str = "<profile>", base_dir: str = ".") -
             problems.append(f"models.device_map: only 'auto' (or null) is supported, got {models['device_map']!r}")
         if models.get("dtype", "auto") not in _DTYPES:
             problems.append(f"models.dtype: must be one of {', '.join(_DTYPES)}, got {models['dtype']!r}")
+        if isinstance(models.get("device"), str) and (problem := _device_problem(models["device"])):
+            problems.append(problem)
         needs_draft = [d.label for d in decoders if decoder_class(d.name).needs_draft]
         if needs_draft and not models.get("draft"):
             problems.append(f"models.draft: required by decoder(s) {', '.join(needs_draft)}")
+        if decoders and not needs_draft and models.get("draft"):
+            # A draft no decoder uses would be loaded for nothing and recorded on every row.
+            warnings.append(f"models.draft ({models['draft']}) is not loaded: no decoder of this profile uses "
+                            f"a draft ({', '.join(d.label for d in decoders)}); remove it from the profile")
+            models = {**models, "draft": None}
     if prompts is not None:
         if bool(prompts.get("items")) == bool(prompts.get("file")):
             problems.append("prompts: give exactly one of items (a list of strings) or file (a JSONL path)")
@@ -238,6 +259,7 @@ def parse_profile(raw: object, source: str = "<profile>", base_dir: str = ".") -
         generation=GenerationSpec(**generation),
         decoders=tuple(decoders),
         base_dir=str(base_dir),
+        warnings=tuple(warnings),
     )
 
 
@@ -249,12 +271,17 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             raise ProfileError("--set", [f"{item!r}: expected key=value, e.g. generation.max_new_tokens=16"])
         path, text = item.split("=", 1)
         keys = path.strip().split(".")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            reason = " ".join(str(getattr(err, "problem", None) or err).split())
+            raise ProfileError("--set", [f"{item!r}: the value is not valid YAML ({reason}); quote it to pass "
+                                         f"a string, e.g. --set {path}='\"{text}\"'"]) from None
         node = data
         try:
             for key in keys[:-1]:
                 node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
             last = keys[-1]
-            value = yaml.safe_load(text)
             if isinstance(node, list):
                 node[int(last)] = value
             else:

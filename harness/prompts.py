@@ -65,3 +65,45 @@ def tokenize_prompts(spec: PromptsSpec, base_dir: str, tokenizer: PreTrainedToke
             raise ValueError(f"prompt {pid} tokenises to nothing")
         prompts.append(Prompt(pid, text, torch.tensor([ids], dtype=torch.long)))
     return prompts
+
+
+def context_length(model) -> int | None:
+    """Positions ``model`` was built for (``max_position_embeddings``), or None if its config says none."""
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(model.config, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_context_length(prompts: list[Prompt], max_new_tokens: int, models: dict[str, object]) -> None:
+    """Refuse prompts that, with ``max_new_tokens`` new tokens, do not fit a model's positions.
+
+    Decoders never draft past ``max_new_tokens``, so a generation needs at most
+    ``prompt tokens + max_new_tokens`` positions of the target and of the draft.
+
+    Args:
+        prompts: the tokenised prompts.
+        max_new_tokens: the profile's ``generation.max_new_tokens``.
+        models: model spec -> loaded model, for every model that decodes.
+
+    Raises:
+        ValueError: naming the longest prompt that does not fit (and how many do not).
+    """
+    for spec, model in models.items():
+        limit = context_length(model)
+        if limit is None:
+            continue
+        too_long = [p for p in prompts if p.input_ids.shape[1] + max_new_tokens > limit]
+        if not too_long:
+            continue
+        worst = max(too_long, key=lambda p: p.input_ids.shape[1])
+        n = worst.input_ids.shape[1]
+        ids = ", ".join(p.prompt_id for p in too_long[:5]) + (", ..." if len(too_long) > 5 else "")
+        others = f" ({len(too_long)} prompts do not fit: {ids})" if len(too_long) > 1 else ""
+        fix = "shorten or drop it" + (
+            f", or lower generation.max_new_tokens to at most {limit - n}" if limit - n >= 1 else "")
+        raise ValueError(
+            f"prompt {worst.prompt_id} has {n} tokens and with generation.max_new_tokens={max_new_tokens} needs "
+            f"{n + max_new_tokens} positions, but {spec} has max_position_embeddings {limit}{others}; {fix}"
+        )

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from harness import figures, trace
+from harness.outputs import check_output_file, write_output_file
 from harness.stats import NAN, Estimate, mean_ci, ratio_of_ratios_ci, ratio_of_sums_ci
 
 BASELINE = "sampling"
@@ -30,7 +31,12 @@ class RunData:
 
 
 def load_run(path: str | Path, name: str | None = None) -> RunData:
-    """Read a run directory; raise ``FileNotFoundError`` if it is not one."""
+    """Read a run directory.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a run directory.
+        trace.CorruptRunError: a file of the run is damaged (named in the message).
+    """
     path = Path(path)
     info = trace.read_run_json(path)
     gens = trace.read_table(path, trace.GENERATIONS)
@@ -173,7 +179,13 @@ def _setup(run: RunData) -> dict[str, Any]:
 
 
 def render_report(run_dirs: list[str | Path], out: str | Path, title: str = "Decoding benchmark report") -> Path:
-    """Write one self-contained HTML report for ``run_dirs``; return its path."""
+    """Write one self-contained HTML report for ``run_dirs``; return its path.
+
+    Raises:
+        FileNotFoundError, trace.CorruptRunError: as ``load_run``.
+        OutputPathError: ``out`` cannot be written (checked before the work).
+    """
+    out = check_output_file(out)
     paths = [Path(p) for p in run_dirs]
     names = [p.name for p in paths]
     if len(set(names)) != len(names):  # same folder names in different places
@@ -218,10 +230,7 @@ def render_report(run_dirs: list[str | Path], out: str | Path, title: str = "Dec
         fmt=_fmt,
         esc=html.escape,
     )
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    trace.atomic_write_bytes(out, page.encode())
-    return out
+    return write_output_file(out, page.encode())
 
 
 def _fmt(est: Estimate | float, spec: str = ".3g", suffix: str = "") -> str:

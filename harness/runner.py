@@ -30,7 +30,7 @@ from harness.distributed import Ranks, init_ranks, shutdown
 from harness.energy import EnergyMeter, gpu_indices_for, measured
 from harness.models import LoadedModels, load_models, resolve_device, resolve_specs
 from harness.profile_spec import DecoderSpec, Profile
-from harness.prompts import Prompt, tokenize_prompts
+from harness.prompts import Prompt, check_context_length, tokenize_prompts
 from harness.quality import output_perplexity
 from harness.run_record import RunRecord
 
@@ -168,6 +168,7 @@ def prepare_run_dir(profile: Profile, run_dir: Path, resume: bool) -> dict[str, 
             f"{run_dir} was started with a different profile (fingerprint {old.get('fingerprint')} != "
             f"{profile.fingerprint()}); resume only with the same profile and --set values"
         )
+    trace.check_tables(run_dir)  # a damaged part fails here, before the model load
     return old
 
 
@@ -206,10 +207,11 @@ def run_profile(
     if energy and meter is not None and profile.models.device_map:
         meter = EnergyMeter(gpu_indices_for(models.devices))  # every GPU the split target uses
     prompts = tokenize_prompts(profile.prompts, profile.base_dir, models.tokenizer)
+    check_context_length(prompts, profile.generation.max_new_tokens, models.by_spec())
     run_dir.mkdir(parents=True, exist_ok=True)
     if ranks.is_main:
         if previous is not None:
-            trace.drop_orphan_steps(run_dir)
+            trace.prepare_resume(run_dir)
         record = RunRecord.start(run_dir, run_id=f"{profile.name}-{profile.fingerprint()}-{int(time.time())}",
                                  source="profile", profile=profile.to_dict(), fingerprint=profile.fingerprint(),
                                  energy=bool(meter), models=models, world_size=ranks.world_size,

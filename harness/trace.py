@@ -166,20 +166,68 @@ class SweepWriter:
         _atomic_write_table(self._gen_path, self.generations, GENERATION_SCHEMA)
 
 
+class CorruptRunError(ValueError):
+    """A file of a run directory cannot be read; the message names it and what to do."""
+
+
+def _read_part(part: Path, schema: pa.Schema) -> pa.Table:
+    try:
+        return pq.read_table(part, schema=schema)
+    except (pa.ArrowException, OSError) as err:
+        raise CorruptRunError(
+            f"{part} is not a readable Parquet part ({err}); delete it and run harness profile with the same "
+            "profile, -o and --set values plus --resume, which redoes its generations"
+        ) from None
+
+
 def read_table(run_dir: str | Path, table: str = GENERATIONS) -> pd.DataFrame:
-    """One table of a run (``generations.parquet`` or ``steps.parquet``) as a DataFrame."""
+    """One table of a run (``generations.parquet`` or ``steps.parquet``) as a DataFrame.
+
+    Raises:
+        CorruptRunError: a part file is damaged (named in the message).
+    """
     path = Path(run_dir) / table
     schema = GENERATION_SCHEMA if table == GENERATIONS else STEP_SCHEMA
-    if not path.exists() or not any(path.glob("*.parquet")):
+    # pyarrow's dataset reader skips names starting with "." or "_" (temporary files).
+    parts = sorted(p for p in path.glob("*.parquet") if not p.name.startswith((".", "_")))
+    if not parts:
         return schema.empty_table().to_pandas()
-    return pq.read_table(path, schema=schema).to_pandas()
+    try:
+        return pq.read_table(path, schema=schema).to_pandas()
+    except (pa.ArrowException, OSError):
+        # Find the damaged part; one read while a writer replaces a part may also
+        # fail, and reads fine the second time.
+        return pa.concat_tables([_read_part(p, schema) for p in parts]).to_pandas()
+
+
+def check_tables(run_dir: str | Path) -> None:
+    """Raise ``CorruptRunError`` unless both tables of ``run_dir`` read."""
+    for table in (GENERATIONS, STEPS):
+        read_table(run_dir, table)
 
 
 def read_run_json(run_dir: str | Path) -> dict[str, Any]:
+    """``run.json`` of ``run_dir`` as a dict.
+
+    Raises:
+        FileNotFoundError: ``run_dir`` holds no run.json.
+        CorruptRunError: run.json is not a JSON object (named in the message).
+    """
     path = Path(run_dir) / RUN_JSON
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no {RUN_JSON})")
-    return json.loads(path.read_text())
+    fix = "restore it from a copy, or run the profile again into a new directory (-o NEW_DIR)"
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as err:  # JSONDecodeError, or bytes that are not UTF-8
+        raise CorruptRunError(f"{path} is not valid JSON ({err}); {fix}") from None
+    if not isinstance(data, dict):
+        raise CorruptRunError(f"{path} must hold a JSON object, got {type(data).__name__}; {fix}")
+    return data
+
+
+def _step_key(s: dict[str, Any]) -> tuple:
+    return s["sweep"], s["decoder_label"], s["prompt_id"], s["repeat"]
 
 
 def drop_orphan_steps(run_dir: Path) -> None:
@@ -187,7 +235,38 @@ def drop_orphan_steps(run_dir: Path) -> None:
     gens = read_table(run_dir, GENERATIONS)
     done = set(zip(gens.sweep, gens.decoder_label, gens.prompt_id, gens.repeat, strict=True))
     for part in sorted((Path(run_dir) / STEPS).glob("part-*.parquet")):
-        steps = pq.read_table(part, schema=STEP_SCHEMA).to_pylist()
-        kept = [s for s in steps if (s["sweep"], s["decoder_label"], s["prompt_id"], s["repeat"]) in done]
+        steps = _read_part(part, STEP_SCHEMA).to_pylist()
+        kept = [s for s in steps if _step_key(s) in done]
         if len(kept) != len(steps):
             _atomic_write_table(part, kept, STEP_SCHEMA)
+
+
+def drop_generations_without_steps(run_dir: Path) -> int:
+    """Remove generation rows whose step rows are not all there; return how many.
+
+    The runner writes a generation's steps before its row, so this happens only
+    when step parts were damaged or deleted; a resume then redoes those generations.
+    """
+    steps = read_table(run_dir, STEPS)
+    counts = steps.groupby(["sweep", "decoder_label", "prompt_id", "repeat"]).size().to_dict()
+    dropped = 0
+    for part in sorted((Path(run_dir) / GENERATIONS).glob("part-*.parquet")):
+        rows = _read_part(part, GENERATION_SCHEMA).to_pylist()
+        kept = [r for r in rows if counts.get(_step_key(r), 0) == r["iterations"]]
+        dropped += len(rows) - len(kept)
+        if not kept and rows:
+            part.unlink()  # the redo gets this sweep's name again
+        elif len(kept) != len(rows):
+            _atomic_write_table(part, kept, GENERATION_SCHEMA)
+    return dropped
+
+
+def prepare_resume(run_dir: Path) -> int:
+    """Make a run directory's tables consistent before a resume; return generations to redo.
+
+    Drops generation rows missing step rows (they are redone), then step rows
+    without a generation row (a crash between the two writes).
+    """
+    dropped = drop_generations_without_steps(run_dir)
+    drop_orphan_steps(run_dir)
+    return dropped
