@@ -113,6 +113,7 @@ def _write_marker(dest: Path, md5: str) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, _marker(dest))
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
