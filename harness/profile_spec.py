@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from decoders import available_decoders, decoder_class, decoder_params
+from harness import scorers
 
 
 class ProfileError(ValueError):
@@ -54,6 +55,8 @@ class PromptsSpec:
     limit: int | None = None
     chat_template: bool = False
     system: str | None = None
+    source: str | None = None  # a built-in prompt set instead of items/file (harness.scorers.SOURCES)
+    scorer: str | None = None  # scores each generation, e.g. humaneval (harness.scorers)
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,9 @@ class Profile:
         data = asdict(self)
         data.pop("base_dir")
         data["prompts"]["items"] = list(self.prompts.items)
+        for key in ("source", "scorer"):  # absent when unset: older profiles keep their fingerprints
+            if data["prompts"][key] is None:
+                del data["prompts"][key]
         data["decoders"] = [asdict(d) for d in self.decoders]
         return data
 
@@ -105,6 +111,7 @@ _TYPES = {
     PromptsSpec: {
         "items": list, "file": (str, type(None)), "field": str, "id_field": (str, type(None)),
         "limit": (int, type(None)), "chat_template": bool, "system": (str, type(None)),
+        "source": (str, type(None)), "scorer": (str, type(None)),
     },
     GenerationSpec: {"max_new_tokens": int, "repeats": int, "warmup": int, "seed": int, "cuda_graphs": bool,
                      "compile_model": bool},
@@ -215,8 +222,10 @@ def parse_profile(raw: object, source: str = "<profile>", base_dir: str = ".") -
         if needs_draft and not models.get("draft"):
             problems.append(f"models.draft: required by decoder(s) {', '.join(needs_draft)}")
     if prompts is not None:
-        if bool(prompts.get("items")) == bool(prompts.get("file")):
-            problems.append("prompts: give exactly one of items (a list of strings) or file (a JSONL path)")
+        if sum(bool(prompts.get(k)) for k in ("items", "file", "source")) != 1:
+            problems.append("prompts: give exactly one of items (a list of strings), file (a JSONL path) "
+                            "or source (a built-in prompt set)")
+        problems.extend(scorers.check_prompts(prompts))
         bad = [i for i, p in enumerate(prompts.get("items", ())) if not isinstance(p, str) or not p]
         if bad:
             problems.append(f"prompts.items[{bad[0]}]: every prompt must be a non-empty string")
