@@ -24,6 +24,7 @@ def decoder_summary(gens: pd.DataFrame) -> pd.DataFrame:
         mean_accepted=("mean_accepted", "mean"),
         output_ppl=("output_ppl", "mean"),
         gpu_energy_j=("gpu_energy_j", lambda s: s.sum(min_count=1)),
+        pass_at_1=("passed", lambda s: s.dropna().astype(float).mean()),  # prompts.scorer's share passed
     )
     agg["tokens_per_s"] = agg.new_tokens / agg.time_s
     agg["energy_per_token_j"] = agg.gpu_energy_j / agg.new_tokens
@@ -39,7 +40,9 @@ def print_summary(run_dir: Path, console: Console) -> None:
         return
     s = decoder_summary(gens)
     table = Table(title=f"{run_dir}  ({len(gens)} generations)")
-    for col in ["decoder", "tok/s", "speedup", "TTFT ms", "TPOT ms", "tok/iter", "accepted", "ppl", "J/token"]:
+    scored = s.pass_at_1.notna().any()
+    for col in ["decoder", "tok/s", "speedup", "TTFT ms", "TPOT ms", "tok/iter", "accepted", "ppl", "J/token",
+                *(["pass@1"] if scored else [])]:
         table.add_column(col, justify="right" if col != "decoder" else "left")
     for label, r in s.iterrows():
         table.add_row(
@@ -47,6 +50,7 @@ def print_summary(run_dir: Path, console: Console) -> None:
             f"{1e3 * r.tpot_s:.1f}" if pd.notna(r.tpot_s) else "-", f"{r.tokens_per_iteration:.2f}",
             f"{r.mean_accepted:.2f}", f"{r.output_ppl:.3f}",
             f"{r.energy_per_token_j:.4f}" if pd.notna(r.energy_per_token_j) else "-",
+            *([f"{r.pass_at_1:.3f}" if pd.notna(r.pass_at_1) else "-"] if scored else []),
         )
     console.print(table)
     console.print(f"traces: {run_dir}/{trace.GENERATIONS}, {run_dir}/{trace.STEPS}, {run_dir}/{trace.RUN_JSON}")
