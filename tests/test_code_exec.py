@@ -144,3 +144,10 @@ def test_environment_is_scrubbed_and_stdin_is_empty(clean, monkeypatch):
 def test_output_is_bounded(clean):
     result = run_python("import sys\nsys.stdout.write('y' * (64 << 20))\n", Limits(time_s=5, file_bytes=1 << 20))
     assert not result.passed and len(result.stdout) <= Limits().output_chars
+
+
+def test_main_block_of_an_answer_does_not_run_but_dataclasses_work(clean):
+    code = ("import dataclasses\n@dataclasses.dataclass\nclass P:\n    x: int\nprint(P(3).x)\n"
+            "if __name__ == '__main__':\n    input()\n")
+    result = run_python(code, LIMITS)
+    assert result.passed and result.stdout == "3\n"
