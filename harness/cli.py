@@ -68,7 +68,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     run_dir = Path(args.output) if args.output else default_run_dir(profile)
     _quiet_transformers()
     try:
-        run_profile(profile, run_dir, energy=args.energy, resume=args.resume, show_progress=not args.no_progress)
+        run_profile(profile, run_dir, energy=args.energy, resume=args.resume, show_progress=not args.no_progress,
+                    confirm_run_unsafe_code=args.confirm_run_unsafe_code)
     except (RunDirError, EnergyUnavailableError, FileNotFoundError, ValueError, OSError) as err:
         return _error(str(err))
     except KeyboardInterrupt:
@@ -179,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a profile value, e.g. --set generation.max_new_tokens=16 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-report", action="store_true", help="do not write report.html into the run directory")
+    p.add_argument("--confirm-run-unsafe-code", action="store_true",
+                   help="allow a prompts.scorer that runs model-written code (e.g. humaneval)")
     p.set_defaults(func=cmd_profile)
 
     r = sub.add_parser("report", help="render one self-contained HTML report from run directories")

@@ -65,7 +65,10 @@ def acceptance_by_position(gens: pd.DataFrame) -> str | None:
 
 
 def speed_vs_quality(summary: pd.DataFrame) -> str | None:
-    s = summary.dropna(subset=["tokens_per_s", "ppl"])
+    """Tokens/s against pass@1 when every setting was scored (``prompts.scorer``), else output perplexity."""
+    scored = "pass_at_1" in summary and summary.pass_at_1.notna().all()
+    key = "pass_at_1" if scored else "ppl"
+    s = summary.dropna(subset=["tokens_per_s", key])
     if s.empty:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -73,9 +76,11 @@ def speed_vs_quality(summary: pd.DataFrame) -> str | None:
         return [[max(r[key] - r[f"{key}_low"], 0)], [max(r[f"{key}_high"] - r[key], 0)]]
 
     for color, (_, r) in zip(sns.color_palette(n_colors=len(s)), s.iterrows(), strict=False):
-        ax.errorbar(r.tokens_per_s, r.ppl, xerr=err(r, "tokens_per_s"), yerr=err(r, "ppl"),
+        ax.errorbar(r.tokens_per_s, r[key], xerr=err(r, "tokens_per_s"), yerr=err(r, key),
                     fmt="o", color=color, capsize=3, label=r.series)
-    ax.set(xlabel="tokens/s (higher is faster)", ylabel="output perplexity under the target (lower is better)")
+    ylabel = ("pass@1, 95% Wilson interval (higher is better)" if scored
+              else "output perplexity under the target (lower is better)")
+    ax.set(xlabel="tokens/s (higher is faster)", ylabel=ylabel)
     ax.legend(fontsize=8)
     return _png(fig)
 

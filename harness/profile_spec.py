@@ -27,6 +27,7 @@ import torch
 import yaml
 
 from decoders import decoder_class, decoder_params
+from harness import scorers
 
 
 class ProfileError(ValueError):
@@ -55,6 +56,8 @@ class PromptsSpec:
     limit: int | None = None
     chat_template: bool = False
     system: str | None = None
+    source: str | None = None  # a built-in prompt set instead of items/file (harness.scorers.SOURCES)
+    scorer: str | None = None  # scores each generation, e.g. humaneval (harness.scorers)
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,9 @@ class Profile:
         data.pop("base_dir")
         data.pop("warnings")
         data["prompts"]["items"] = list(self.prompts.items)
+        for key in ("source", "scorer"):  # absent when unset: older profiles keep their fingerprints
+            if data["prompts"][key] is None:
+                del data["prompts"][key]
         data["decoders"] = [asdict(d) for d in self.decoders]
         return data
 
@@ -108,6 +114,7 @@ _TYPES = {
     PromptsSpec: {
         "items": list, "file": (str, type(None)), "field": str, "id_field": (str, type(None)),
         "limit": (int, type(None)), "chat_template": bool, "system": (str, type(None)),
+        "source": (str, type(None)), "scorer": (str, type(None)),
     },
     GenerationSpec: {"max_new_tokens": int, "repeats": int, "warmup": int, "seed": int, "cuda_graphs": bool,
                      "compile_model": bool},
@@ -243,8 +250,10 @@ def parse_profile(raw: object, source: str = "<profile>", base_dir: str = ".") -
                             f"a draft ({', '.join(d.label for d in decoders)}); remove it from the profile")
             models = {**models, "draft": None}
     if prompts is not None:
-        if bool(prompts.get("items")) == bool(prompts.get("file")):
-            problems.append("prompts: give exactly one of items (a list of strings) or file (a JSONL path)")
+        if sum(bool(prompts.get(k)) for k in ("items", "file", "source")) != 1:
+            problems.append("prompts: give exactly one of items (a list of strings), file (a JSONL path) "
+                            "or source (a built-in prompt set)")
+        problems.extend(scorers.check_prompts(prompts))
         bad = [i for i, p in enumerate(prompts.get("items", ())) if not isinstance(p, str) or not p]
         if bad:
             problems.append(f"prompts.items[{bad[0]}]: every prompt must be a non-empty string")

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from harness import scorers
 from harness.profile_spec import PromptsSpec
 
 
@@ -23,6 +24,8 @@ def read_prompt_texts(spec: PromptsSpec, base_dir: str) -> list[tuple[str, str]]
     """``(prompt_id, text)`` pairs from the profile's list or JSONL file."""
     if spec.items:
         pairs = [(f"p{i:04d}", text) for i, text in enumerate(spec.items)]
+    elif spec.source:
+        pairs = scorers.source_prompts(spec)
     else:
         path = Path(base_dir) / spec.file
         pairs = []

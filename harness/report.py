@@ -15,7 +15,7 @@ import pandas as pd
 
 from harness import figures, trace
 from harness.outputs import check_output_file, write_output_file
-from harness.stats import NAN, Estimate, mean_ci, ratio_of_ratios_ci, ratio_of_sums_ci
+from harness.stats import NAN, Estimate, mean_ci, pass_rate, ratio_of_ratios_ci, ratio_of_sums_ci
 
 BASELINE = "sampling"
 
@@ -128,6 +128,7 @@ def summarise(run: RunData, label_by_run: bool = False) -> pd.DataFrame:
             "accepted": mean_ci(g.mean_accepted.to_numpy()),
             "tokens_per_iteration": ratio_of_sums_ci(g.new_tokens.to_numpy(), g.iterations.to_numpy()),
             "ppl": mean_ci(g.output_ppl.to_numpy()),
+            "pass_at_1": pass_rate(g.passed),  # prompts.scorer's verdicts (Wilson interval); NaN without one
         }.items():
             row[key], row[f"{key}_low"], row[f"{key}_high"] = est.value, est.low, est.high
             row[f"{key}_est"] = est
@@ -227,6 +228,7 @@ def render_report(run_dirs: list[str | Path], out: str | Path, title: str = "Dec
         notes=notes,
         figures=figs,
         multi=multi,
+        scored=bool(not summary.empty and summary.pass_at_1.notna().any()),
         fmt=_fmt,
         esc=html.escape,
     )

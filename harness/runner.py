@@ -25,7 +25,7 @@ from rich.progress import (
 )
 
 from decoders import Decoder, GenerationOutput, decoder_class, get_decoder
-from harness import trace
+from harness import scorers, trace
 from harness.distributed import Ranks, init_ranks, shutdown
 from harness.energy import EnergyMeter, gpu_indices_for, measured
 from harness.models import LoadedModels, load_models, resolve_device, resolve_specs
@@ -180,6 +180,7 @@ def run_profile(
     resume: bool = False,
     show_progress: bool = True,
     meter: EnergyMeter | None = None,
+    confirm_run_unsafe_code: bool = False,
 ) -> Path:
     """Run every decoder of ``profile`` over its prompts; return the run directory.
 
@@ -193,7 +194,9 @@ def run_profile(
         resume: complete an interrupted run in ``run_dir``.
         show_progress: draw a progress bar.
         meter: an energy meter to use instead of building one (tests inject one).
+        confirm_run_unsafe_code: allow a ``prompts.scorer`` that runs model-written code.
     """
+    scorers.require_confirmation(profile, confirm_run_unsafe_code)  # before anything loads
     resolve_specs(profile.models.target, profile.models.draft)  # before the process group starts
     ranks = init_ranks()
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(profile)
@@ -247,6 +250,7 @@ def run_profile(
     ranks.barrier()  # every rank's rows are on disk
     if ranks.is_main:
         _merge_rank_records(run_dir, record, ranks)
+        record.data.update(scorers.score_run(run_dir, profile))  # after every timed section and energy window
         record.finish()
     shutdown(ranks)
     return run_dir

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import norm
 
 N_BOOT = 2000
 LEVEL = 0.95
@@ -94,3 +95,20 @@ def ratio_of_ratios_ci(
     draws = (a_num[ia].sum(1) / a_den[ia].sum(1)) / (b_num[ib].sum(1) / b_den[ib].sum(1))
     alpha = (1 - LEVEL) / 2
     return Estimate(a.value / b.value, float(np.quantile(draws, alpha)), float(np.quantile(draws, 1 - alpha)))
+
+
+def wilson(successes: int, n: int, level: float = LEVEL) -> Estimate:
+    """A proportion with its Wilson score interval (sound at 0 or n successes, unlike the normal one)."""
+    if n == 0:
+        return NAN
+    z = float(norm.ppf(1 - (1 - level) / 2))
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return Estimate(p, max(0.0, centre - half), min(1.0, centre + half))
+
+
+def pass_rate(passed) -> Estimate:
+    """Share of generations that passed, over the scored ones (nulls ignored), Wilson 95%."""
+    values = [bool(v) for v in passed if v is not None and v == v]  # drop None and NaN
+    return wilson(sum(values), len(values))

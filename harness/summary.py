@@ -30,6 +30,8 @@ def print_summary(run_dir: Path, console: Console) -> None:
                "TTFT ms": ("ttft_ms", ".1f"), "TPOT ms": ("tpot_ms", ".1f"),
                "tok/iter": ("tokens_per_iteration", ".2f"), "accepted": ("accepted", ".2f"),
                "ppl": ("ppl", ".3f"), "J/token": ("j_per_token", ".4f")}
+    if s.pass_at_1.notna().any():  # a prompts.scorer judged the generations
+        columns["pass@1"] = ("pass_at_1", ".3f")
     for col in columns:
         table.add_column(col, justify="right" if col != "decoder" else "left")
     for _, r in s.iterrows():

@@ -65,6 +65,8 @@ GENERATION_SCHEMA = pa.schema(
         ("target_forwards", pa.int64()),
         ("draft_forwards", pa.int64()),
         ("output_ppl", pa.float64()),
+        ("passed", pa.bool_()),  # the profile's prompts.scorer verdict (null: no scorer, or not scored yet)
+        ("score_detail", pa.string()),  # the scorer's reason, e.g. passed / failed / timeout
         ("gpu_energy_j", pa.float64()),
         ("energy_per_token_j", pa.float64()),
         ("energy_estimated", pa.bool_()),
