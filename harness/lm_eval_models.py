@@ -40,7 +40,7 @@ from harness import trace
 from harness.energy import EnergyMeter, gpu_indices_for, measured
 from harness.models import load_models, resolve_specs
 from harness.profile_spec import DecoderSpec
-from harness.prompts import Prompt
+from harness.prompts import Prompt, stop_check
 from harness.quality import output_perplexity
 from harness.run_record import RunRecord
 from harness.runner import eos_ids, generation_row, generation_seed, timed_generate
@@ -201,17 +201,6 @@ class DecodingLM(HFLM):
         draft = self.models.draft if decoder_class(self.decoder_name).needs_draft else None
         return get_decoder(self.decoder_name, target=self.models.target, draft=draft, **self.execution, **params)
 
-    def _stop_check(self, until: list[str]):
-        stops = [s for s in until if s]
-        longest = max((len(s) for s in stops), default=0)
-
-        def should_stop(tokens: list[int]) -> bool:
-            # Decoding a short tail is enough to see any stop string that just appeared.
-            tail = self.tokenizer.decode(tokens[-(longest + 8):], skip_special_tokens=False)
-            return any(s in tail for s in stops)
-
-        return should_stop if stops else None
-
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         eos_text = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
         eos = eos_ids(self.models)
@@ -237,7 +226,7 @@ class DecodingLM(HFLM):
                 decoder = self._decoder(kwargs)
                 seed = generation_seed(self.seed, hashlib.sha256(context.encode()).hexdigest(), 0)
                 out, time_s, ttft_s = timed_generate(decoder, prompt, max_gen, seed, eos, device,
-                                                     self._stop_check(until))
+                                                     stop_check(self.tokenizer, until))
                 text = postprocess_generated_text(self.tok_decode(out.tokens.tolist()), until, None)
                 results.append(text)
                 self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)

@@ -110,3 +110,21 @@ def check_context_length(prompts: list[Prompt], max_new_tokens: int, models: dic
             f"prompt {worst.prompt_id} has {n} tokens and with generation.max_new_tokens={max_new_tokens} needs "
             f"{n + max_new_tokens} positions, but {spec} has max_position_embeddings {limit}{others}; {fix}"
         )
+
+
+def stop_check(tokenizer: PreTrainedTokenizerBase, stops: list[str] | tuple[str, ...]):
+    """A decoder ``should_stop`` that ends generation once any of ``stops`` appears in the new text.
+
+    ``None`` without stop strings. Decoding a short tail after each step is enough
+    to see a stop string that just appeared; the step's tokens are kept whole.
+    """
+    stops = [s for s in stops if s]
+    if not stops:
+        return None
+    longest = max(len(s) for s in stops)
+
+    def should_stop(tokens: list[int]) -> bool:
+        tail = tokenizer.decode(tokens[-(longest + 8):], skip_special_tokens=False)
+        return any(s in tail for s in stops)
+
+    return should_stop

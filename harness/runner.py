@@ -30,7 +30,7 @@ from harness.distributed import Ranks, init_ranks, shutdown
 from harness.energy import EnergyMeter, gpu_indices_for, measured
 from harness.models import LoadedModels, load_models, resolve_device, resolve_specs
 from harness.profile_spec import DecoderSpec, Profile
-from harness.prompts import Prompt, check_context_length, tokenize_prompts
+from harness.prompts import Prompt, check_context_length, stop_check, tokenize_prompts
 from harness.quality import output_perplexity
 from harness.run_record import RunRecord
 
@@ -238,6 +238,7 @@ def run_profile(
     mine = [c for n, c in enumerate(cells) if ranks.owns(n) and (c[0].label, c[2].prompt_id, c[3]) not in done]
     plan = [(spec, [(i, p, r) for s, i, p, r in mine if s.label == spec.label]) for spec in profile.decoders]
     eos = eos_ids(models)
+    should_stop = stop_check(models.tokenizer, scorers.stop_strings(profile.prompts))
     with _progress() if show_progress and ranks.is_main else _NoProgress() as bar:
         task = bar.add_task("profile", total=len(mine), tps="-")
         for k, (spec, todo) in enumerate(plan):
@@ -246,7 +247,8 @@ def run_profile(
             tag = f"-r{ranks.rank}" if ranks.distributed else ""
             earlier = {s for s in done_table.sweep[done_table.decoder_label == spec.label] if tag in s}
             sweep = f"{k:02d}-{spec.label}{tag}-a{len(earlier)}"
-            _run_sweep(spec, todo, sweep, models, prompts, gen, eos, ctx, run_dir, meter, record, bar, task)
+            _run_sweep(spec, todo, sweep, models, prompts, gen, eos, should_stop, ctx, run_dir, meter, record, bar,
+                       task)
     ranks.barrier()  # every rank's rows are on disk
     if ranks.is_main:
         _merge_rank_records(run_dir, record, ranks)
@@ -256,7 +258,8 @@ def run_profile(
     return run_dir
 
 
-def _run_sweep(spec, todo, sweep, models, prompts, gen, eos, ctx, run_dir, meter, record, bar, task) -> None:
+def _run_sweep(spec, todo, sweep, models, prompts, gen, eos, should_stop, ctx, run_dir, meter, record, bar,
+                       task) -> None:
     """One decoder setting over its (prompt, repeat) cells, inside one energy window."""
     draft = models.draft if decoder_class(spec.name).needs_draft else None
     decoder = get_decoder(spec.name, target=models.target, draft=draft, cuda_graphs=gen.cuda_graphs,
@@ -269,7 +272,8 @@ def _run_sweep(spec, todo, sweep, models, prompts, gen, eos, ctx, run_dir, meter
     with measured(meter, sweep) as window:
         for index, prompt, repeat in todo:
             seed = generation_seed(gen.seed, prompt.prompt_id, repeat)
-            out, time_s, ttft_s = timed_generate(decoder, prompt, gen.max_new_tokens, seed, eos, models.device)
+            out, time_s, ttft_s = timed_generate(decoder, prompt, gen.max_new_tokens, seed, eos, models.device,
+                                                 should_stop)
             ppl = output_perplexity(models.target, prompt.input_ids, out.tokens)
             text = models.tokenizer.decode(out.tokens, skip_special_tokens=True)
             row = generation_row({**ctx, "sweep": sweep}, spec, decoder, prompt, index, repeat, seed,

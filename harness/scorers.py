@@ -69,6 +69,14 @@ def source_prompts(spec) -> list[tuple[str, str]]:
     raise ValueError(f"unknown prompt set {spec.source!r} (known: {', '.join(SOURCES)})")
 
 
+def stop_strings(spec) -> tuple[str, ...]:
+    """Where a generation of a built-in prompt set is complete (``spec`` is a ``PromptsSpec``):
+    for HumanEval as a chat turn, the end of the answer's first code block, as the lm-eval task stops."""
+    if spec.source == "humaneval" and spec.chat_template:
+        return humaneval.STOP
+    return ()
+
+
 def require_confirmation(profile, confirmed: bool) -> None:
     """Raise ``UnsafeCodeNotConfirmedError`` if the profile's scorer runs code and the user did not confirm."""
     scorer = profile.prompts.scorer

