@@ -22,7 +22,7 @@ nvidia-smi --query-gpu=name,power.draw,power.limit,clocks.mem --format=csv | tee
 step "HumanEval study: Qwen2.5-Coder-1.5B + 0.5B, 164 problems, five settings"
 $py -m harness profile profiles/humaneval-qwen.yaml --energy --confirm-run-unsafe-code --no-progress \
     -o "$out/humaneval-qwen" 2>&1 | tail -25
-$py benchmarks/humaneval_study.py "$out/humaneval-qwen" -o "$out/humaneval-study.json" 2>&1 | tail -30
+$py benchmarks/humaneval_study.py "$out/humaneval-qwen" --out "$out/humaneval-study.json" 2>&1 | tail -30
 
 for set in copy chat; do
     step "prompt lookup on SmolLM2, $set prompts"
