@@ -1,27 +1,30 @@
 """Speed and energy of the decoders on one GPU, against transformers' own loops.
 
-    python benchmarks/gpu_decoding.py [--sections anchor,pair,energy] [--new-tokens 128]
-        [--prompts 8] [--repeats 3] [--pair-rounds 1] [--energy-rounds 2] [--out PATH]
+    python benchmarks/gpu_decoding.py [--sections pace,anchor,pair,energy] [--pairs smollm2,qwen]
+        [--prompts 8] [--anchor-prompts 3] [--new-tokens 128] [--repeats 3] [--no-energy] [--out PATH]
 
 Everything is measured side by side in one process on one GPU, and reported as
 ratios (the machine is shared and noisy):
 
+- ``pace`` (default): every decoder at its default execution settings
+  (``sampling``, ``specdecode`` gamma 4, ``mtad`` at the MTAD reference
+  settings, ``prompt_lookup``) on each pair (SmolLM2-135M + the distilled
+  draft; Qwen2.5-Coder-1.5B + 0.5B, which needs ``scripts/setup.sh --qwen``),
+  greedy and T=1 top-k 10 top-p 0.9, on chat prompts and on HumanEval problems:
+  tokens/s, ms/token, tokens per target call, J/token (one Zeus window per
+  sweep), the time by phase (draft / verify / accept / other), the warm-up
+  (compile and capture) and each decoder's floor (its target and draft
+  forwards at (weights + KV) bytes / the copy bandwidth measured in this
+  process); HF ``generate`` and HF assisted generation as the anchors.
 - ``anchor``: ``sampling`` (greedy) against HF ``generate`` (greedy) on a
   Llama-2-7B-shaped bf16 model with random weights, batch 1, 128-token prompt;
   ms/token of each, per whole call (prefill included) and per decode step
-  ((T(n) - T(1)) / (n - 1)), and as multiples of the HBM roofline
-  (weight bytes / 3.35 TB/s). Our fast path is timed with CUDA graphs alone and
-  with ``torch.compile`` before capture; our plain path (eager forwards over a
-  dynamic cache) is timed too.
-- ``pair``: ``specdecode`` against HF assisted generation
-  (``generate(assistant_model=...)``, constant ``num_assistant_tokens`` = gamma,
-  no confidence cut-off) on the real pair (SmolLM2-135M-Instruct + the distilled
-  draft, bf16), greedy and at temperature 1, same prompts, same gamma.
-- ``energy``: ``mtad`` against ``specdecode`` on the real pair at the MTAD
-  reference settings (T=1, top-k 10, top-p 0.9, gamma 4, beam 4, tau 0.5):
-  tokens/s and J/token from Zeus windows, one window per decoder sweep over all
-  prompts (several seconds each), decoders alternated for ``--rounds`` rounds;
-  the monitoring overhead is the windows' host time over the sweeps' wall time.
+  ((T(n) - T(1)) / (n - 1)), and as multiples of the roofline (weight bytes /
+  the measured copy bandwidth).
+- ``pair``: ``specdecode`` against HF assisted generation on the SmolLM2 pair,
+  greedy and at temperature 1, same prompts, same gamma.
+- ``energy``: ``mtad`` against ``specdecode`` on the SmolLM2 pair at the MTAD
+  reference settings, decoders alternated for ``--energy-rounds`` rounds.
 
 Writes ``benchmarks/results/gpu-decoding-<gpu>.json`` and prints a Markdown table.
 """
@@ -41,15 +44,22 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from decoders import get_decoder, static
+from decoders.timing import PHASES
 from harness.energy import EnergyMeter
 from harness.models import load_models
 from harness.profile_spec import PromptsSpec
 from harness.prompts import tokenize_prompts
 from harness.sysinfo import environment
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_cost import copy_bandwidth  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
-HBM_BYTES_PER_S = 3.35e12  # H100 SXM datasheet; the roofline the issue quotes
 PAIR = ("builtin:smollm2-135m-instruct", "builtin:smollm2-135m-draft")
+PAIRS = {"smollm2": PAIR, "qwen": ("builtin:qwen2.5-coder-1.5b-instruct", "builtin:qwen2.5-coder-0.5b-instruct")}
+SETTINGS = {"greedy": {"temperature": 0.0}, "t1": {"temperature": 1.0, "top_k": 10, "top_p": 0.9}}
+METHODS = {"sampling": {}, "specdecode": {"gamma": 4}, "mtad": {"gamma": 4, "beam_width": 4, "accept_thres": 0.5},
+           "prompt_lookup": {}}
 LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
 
@@ -83,7 +93,7 @@ def bench_anchor(args) -> dict:
     finally:
         torch.set_default_dtype(default)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    roofline_ms = 1e3 * weight_bytes / HBM_BYTES_PER_S
+    roofline_ms = 1e3 * weight_bytes / copy_bandwidth()
     prompt = torch.randint(0, LLAMA2_7B["vocab_size"], (1, 128), device="cuda")
     n = args.new_tokens
     greedy = {"temperature": 0.0, "top_k": 0, "top_p": 1.0}
@@ -246,6 +256,157 @@ def bench_energy(args, pair, prompts) -> dict:
     return results
 
 
+def model_bytes(model) -> int:
+    """Bytes a decode step reads: every parameter once (a tied head is the embedding)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def kv_bytes_per_position(model) -> int:
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * next(model.parameters()).element_size()
+
+
+def pace_prompts(pair, args) -> dict[str, list[torch.Tensor]]:
+    """Chat prompts (the project's chat set) and code prompts (HumanEval's first problems)."""
+    sets = {"chat": PromptsSpec(file="prompts/chat.jsonl", field="prompt", id_field="id", chat_template=True,
+                                limit=args.prompts),
+            "code": PromptsSpec(source="humaneval", chat_template=True, limit=args.prompts)}
+    return {kind: [p.input_ids.cuda() for p in tokenize_prompts(spec, str(ROOT / "profiles"), pair.tokenizer)]
+            for kind, spec in sets.items()}
+
+
+def bench_pace(args, name: str, bandwidth: float, meter) -> dict:
+    """Every decoder at its defaults on one pair, greedy and T=1, chat and code prompts, side by side.
+
+    Per (setting, decoder): tokens/s, ms/token, tokens per target call, J/token
+    (one Zeus window per sweep over all prompts), the time by phase, the
+    warm-up (first call: compile and capture) and the method's floor: its
+    target and draft forwards at (weights + KV) / the copy bandwidth measured
+    in this process, per generated token. HF ``generate`` and HF assisted
+    generation (the 0.5B/draft as assistant, gamma 4, no confidence cut) are
+    timed on the first ``--anchor-prompts`` prompts of each kind.
+    """
+    pair = load_models(*PAIRS[name], dtype="bfloat16", device="cuda")
+    prompts = pace_prompts(pair, args)
+    eos, n = pair.tokenizer.eos_token_id, args.new_tokens
+    t_bytes, d_bytes = model_bytes(pair.target), model_bytes(pair.draft)
+    t_kv, d_kv = kv_bytes_per_position(pair.target), kv_bytes_per_position(pair.draft)
+    result: dict = {"pair": PAIRS[name], "new_tokens": n, "prompts": {k: len(v) for k, v in prompts.items()},
+                    "target_bytes": t_bytes, "draft_bytes": d_bytes, "bandwidth_Bps": bandwidth, "rows": []}
+    cfg = pair.draft.generation_config
+    cfg.num_assistant_tokens, cfg.num_assistant_tokens_schedule, cfg.assistant_confidence_threshold = \
+        4, "constant", 0.0
+    for setting, filt in SETTINGS.items():
+        for method, params in METHODS.items():
+            if method == "mtad" and setting == "greedy":
+                continue  # the joint test needs a distribution; greedy beams are one beam
+            draft = pair.draft if method in ("specdecode", "mtad") else None
+            dec = get_decoder(method, target=pair.target, draft=draft, **params, **filt)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                # The longest prompt: its cache length is the largest the sweeps need.
+                dec.generate(max((p for b in prompts.values() for p in b), key=lambda p: p.shape[1]), n,
+                             torch.Generator().manual_seed(0), eos)
+            torch.cuda.synchronize()
+            warmup_s = time.perf_counter() - t0
+            for kind, batch in prompts.items():
+                row = _pace_sweep(dec, batch, n, eos, meter, f"{name}-{setting}-{method}-{kind}")
+                calls, drafts, length = row.pop("target_calls"), row.pop("draft_calls"), row.pop("mean_length")
+                floor_s = (calls * (t_bytes + t_kv * length) + drafts * (d_bytes + d_kv * length)) / bandwidth
+                row.update(pair=name, setting=setting, decoder=method, prompts=kind, warmup_s=warmup_s,
+                           floor_ms_per_token=1e3 * floor_s / row["tokens"],
+                           x_floor=row["ms_per_token"] / (1e3 * floor_s / row["tokens"]))
+                result["rows"].append(row)
+                print(_pace_line(row), flush=True)
+        for kind, batch in prompts.items():
+            for anchor, kwargs in (("hf_generate", {}), ("hf_assisted", {"assistant_model": pair.draft})):
+                row = _hf_sweep(pair.target, batch[: args.anchor_prompts], n, eos, filt, kwargs)
+                row.update(pair=name, setting=setting, decoder=anchor, prompts=kind)
+                result["rows"].append(row)
+                print(_pace_line(row), flush=True)
+    del pair
+    static.release_all()
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
+def _pace_sweep(dec, prompts, n, eos, meter, window) -> dict:
+    tokens = calls = drafts = length = 0
+    phases = dict.fromkeys(PHASES, 0.0)
+    torch.cuda.synchronize()
+    if meter:
+        meter.begin(window)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for i, prompt in enumerate(prompts):
+            out = dec.generate(prompt, n, torch.Generator().manual_seed(i), eos)
+            tokens += len(out.tokens)
+            calls += out.target_forwards
+            drafts += out.draft_forwards
+            length += out.target_forwards * (prompt.shape[1] + len(out.tokens) / 2)
+            for k, v in out.phase_times_s.items():
+                phases[k] += v
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    joules = meter.end(window).total_j if meter else None
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "ms_per_token": 1e3 * seconds / tokens, "tokens_per_call": tokens / calls,
+            "j_per_token": joules / tokens if joules is not None else None,
+            **{f"{k}_ms_per_token": 1e3 * v / tokens for k, v in phases.items()},
+            "target_calls": calls, "draft_calls": drafts, "mean_length": length / max(calls, 1)}
+
+
+def _hf_sweep(model, prompts, n, eos, filt, kwargs) -> dict:
+    sample = filt["temperature"] > 0
+    kw = dict(max_new_tokens=n, eos_token_id=eos, pad_token_id=eos, do_sample=sample, **kwargs)
+    if sample:
+        kw.update(temperature=1.0, top_k=filt["top_k"], top_p=filt["top_p"])
+    else:
+        kw.update(temperature=None, top_k=None, top_p=None)
+    with torch.inference_mode():
+        model.generate(prompts[0], **{**kw, "max_new_tokens": 8})  # warm-up
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        tokens = 0
+        for i, p in enumerate(prompts):
+            torch.manual_seed(i)
+            tokens += model.generate(p, **kw).shape[1] - p.shape[1]
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "ms_per_token": 1e3 * seconds / tokens}
+
+
+def _pace_line(row: dict) -> str:
+    extra = ""
+    if "x_floor" in row:
+        extra = (f" {row['tokens_per_call']:.2f} tok/call, {row['x_floor']:.2f}x floor, warm-up {row['warmup_s']:.0f} s"
+                 + (f", {row['j_per_token']:.3f} J/tok" if row.get("j_per_token") is not None else "")
+                 + " | " + " ".join(f"{k} {row[f'{k}_ms_per_token']:.2f}" for k in PHASES))
+    return (f"{row['pair']:8s} {row['setting']:6s} {row['prompts']:4s} {row['decoder']:14s} "
+            f"{row['tokens_per_s']:7.1f} tok/s {row['ms_per_token']:6.2f} ms/tok{extra}")
+
+
+def pace_table(pace: dict) -> str:
+    """Markdown: tokens/s and the ratio to sampling of the same pair, setting and prompts."""
+    lines = ["| pair | setting | prompts | decoder | tok/s | vs sampling | tokens/call | x floor | J/token | "
+             "draft / verify / accept / other ms per token |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for result in pace.values():
+        rows = result["rows"]
+        base = {(r["setting"], r["prompts"]): r for r in rows if r["decoder"] == "sampling"}
+        for r in rows:
+            b = base[(r["setting"], r["prompts"])]
+            phases = " / ".join(f"{r[f'{k}_ms_per_token']:.2f}" for k in PHASES) if "x_floor" in r else ""
+            jpt = f"{r['j_per_token']:.3f}" if r.get("j_per_token") is not None else ""
+            nan = float("nan")
+            lines.append(f"| {r['pair']} | {r['setting']} | {r['prompts']} | {r['decoder']} | "
+                         f"{r['tokens_per_s']:.0f} | {r['tokens_per_s'] / b['tokens_per_s']:.2f}x | "
+                         f"{r.get('tokens_per_call', nan):.2f} | {r.get('x_floor', nan):.2f} | {jpt} | {phases} |")
+    return "\n".join(lines)
+
+
 def table(result: dict) -> str:
     """The README's table."""
     a, p, e = result.get("anchor"), result.get("pair"), result.get("energy")
@@ -274,7 +435,10 @@ def table(result: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sections", default="anchor,pair,energy")
+    ap.add_argument("--sections", default="pace,anchor", help="any of pace, anchor, pair, energy")
+    ap.add_argument("--pairs", default="smollm2,qwen", help="pace section: which pairs")
+    ap.add_argument("--anchor-prompts", type=int, default=3, help="pace section: prompts per kind for HF's loops")
+    ap.add_argument("--no-energy", action="store_true", help="pace section: no Zeus windows")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per anchor variant (median)")
@@ -287,6 +451,12 @@ def main() -> None:
     sections = set(args.sections.split(","))
     result: dict = {"command": "python benchmarks/gpu_decoding.py " + " ".join(sys.argv[1:]),
                     "environment": environment([torch.device("cuda")])}
+    if "pace" in sections:
+        bandwidth = copy_bandwidth()
+        meter = None if args.no_energy else EnergyMeter([torch.cuda.current_device()])
+        result["idle_power_w"] = meter.idle_power_w() if meter else None
+        result["pace"] = {name: bench_pace(args, name, bandwidth, meter) for name in args.pairs.split(",")}
+        print(pace_table(result["pace"]), flush=True)
     if "anchor" in sections:
         result["anchor"] = bench_anchor(args)
         print(json.dumps(result["anchor"], indent=2), flush=True)
@@ -298,7 +468,7 @@ def main() -> None:
         if "energy" in sections:
             result["energy"] = bench_energy(args, pair, prompts)
             print(json.dumps(result["energy"], indent=2), flush=True)
-    result["table"] = table(result)
+    result["table"] = (pace_table(result["pace"]) + "\n\n" if "pace" in result else "") + table(result)
     gpu = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"gpu-decoding-{gpu}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

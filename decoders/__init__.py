@@ -52,15 +52,18 @@ def decoder_param_info(name: str) -> dict[str, ParamInfo]:
 
 
 def check_execution_settings(**settings: object) -> None:
-    """Raise ``TypeError`` unless every execution setting (``cuda_graphs``,
-    ``compile_model``) is a bool; usable before any model loads."""
+    """Raise ``TypeError`` unless every execution setting is valid: ``cuda_graphs``
+    a bool, ``compile_model`` a bool or None (automatic); usable before any model loads."""
     for option, value in settings.items():
+        if option == "compile_model" and value is None:
+            continue
         if not isinstance(value, bool):
-            raise TypeError(f"{option} must be true or false, got {type(value).__name__} ({value!r})")
+            allowed = "true, false or null (automatic)" if option == "compile_model" else "true or false"
+            raise TypeError(f"{option} must be {allowed}, got {type(value).__name__} ({value!r})")
 
 
 def get_decoder(
-    name: str, *, target, draft=None, cuda_graphs: bool = True, compile_model: bool = False, **params
+    name: str, *, target, draft=None, cuda_graphs: bool = True, compile_model: bool | None = None, **params
 ) -> Decoder:
     """Build decoder ``name`` for ``target`` (and ``draft`` for methods that need one).
 
@@ -71,8 +74,11 @@ def get_decoder(
         cuda_graphs: use the fast path (static KV cache, CUDA graphs) for models
             on one CUDA device; an execution setting, not a decoding parameter.
         compile_model: on the fast path, ``torch.compile`` each decode-step shape
-            before capturing it (faster steps; the first call of each shape
-            compiles, which takes tens of seconds for a 7B model).
+            before capturing it. ``None`` (default): compile where it is cheap,
+            i.e. the one-layer compilation of ``decoders.fused`` (a few seconds
+            per step shape, cached on disk by inductor); ``True`` also compiles
+            transformers' own forward for other architectures (minutes for a
+            7B model); ``False`` never.
         **params: the method's parameters (``decoder_param_info(name)`` lists
             them): ``temperature``, ``top_k``, ``top_p`` for all; ``gamma`` for
             the propose/verify methods; ``beam_width``, ``accept_thres`` and

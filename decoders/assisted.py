@@ -119,14 +119,17 @@ class AssistedDecoder(Decoder):
             budget = min(self.max_draft_tokens, progress.remaining - 1)
             proposal = proposer.propose(seq, budget, generator) if budget > 0 else Proposal(seq.new_empty(0))
             g = proposal.size
+            progress.timer.mark("draft")
             # 2. One target forward over the unseen tail plus the drafts: p_1 .. p_{g+1}.
             tail = torch.cat([seq[target.length :], proposal.tokens])
-            p = P.filtered_probs(target(tail.view(1, -1), keep=g + 1)[0], *filters)
+            p = target.probs(tail.view(1, -1), g + 1, filters)[0]
+            progress.timer.mark("verify")
             # 3. Accept a prefix and draw the token after it (a plain sampling step without drafts).
             if g:
                 n, extra = self.verify(p, proposal, generator)
             else:
                 n, extra = torch.zeros((), dtype=torch.long, device=p.device), P.sample(p[0], generator)
+            progress.timer.mark("accept")
             # 4. Commit; crop the target cache to the committed prefix, the proposer's likewise.
             seq = self._commit(progress, seq, proposal.tokens, n, extra, target, proposer)
         return target.forwards, proposer.forwards

@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 from decoders import kv, static
 from decoders.params import FilterParams, ParamInfo, check_param
 from decoders.registry import register as _register
+from decoders.timing import PhaseTimer
 
 EosIds = int | Sequence[int] | None
 _MAX_NEW_TOKENS = ParamInfo(int, "upper bound on new tokens", minimum=1)
@@ -49,12 +50,15 @@ class GenerationOutput:
         steps: one ``StepRecord`` per target verification forward.
         target_forwards: number of target model forward calls.
         draft_forwards: number of draft model forward calls (batched beams count once).
+        phase_times_s: the generation's time split into ``decoders.timing.PHASES``
+            (draft, verify, accept, other), seconds.
     """
 
     tokens: torch.Tensor
     steps: tuple[StepRecord, ...]
     target_forwards: int
     draft_forwards: int = 0
+    phase_times_s: dict[str, float] = field(default_factory=dict)
 
     @property
     def mean_accepted(self) -> float:
@@ -74,6 +78,7 @@ class _Progress:
     eos_ids: frozenset[int]
     on_step: StepCallback | None
     should_stop: StopCheck | None = None
+    timer: PhaseTimer | None = None
     tokens: list[int] = field(default_factory=list)
     steps: list[StepRecord] = field(default_factory=list)
     finished: bool = False
@@ -100,6 +105,8 @@ class _Progress:
         self.steps.append(record)
         if self.on_step is not None:
             self.on_step(record)
+        if self.timer is not None:
+            self.timer.mark("other")
         return len(kept)
 
 
@@ -143,7 +150,7 @@ class Decoder(abc.ABC):
             testing the fast path's cache logic on a CPU).
         compile_model: on the fast path, also ``torch.compile`` the decode-step
             forwards before capturing them (fewer, fused kernels; compiles once
-            per shape).
+            per shape). ``None``: only where the fused forward runs the model.
     """
 
     name: ClassVar[str] = ""
@@ -151,7 +158,7 @@ class Decoder(abc.ABC):
     needs_draft: ClassVar[bool] = False
     cuda_graphs: bool = True
     static_cache: bool = False
-    compile_model: bool = False
+    compile_model: bool | None = None
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -238,8 +245,8 @@ class Decoder(abc.ABC):
         if generator is None:
             generator = torch.Generator()
             generator.seed()
-        progress = _Progress(max_new_tokens, _eos_set(eos_token_id), on_step, should_stop)
         device = kv.device_of(self.target)
+        progress = _Progress(max_new_tokens, _eos_set(eos_token_id), on_step, should_stop, PhaseTimer(device))
         # Room for the prompt, the new tokens and one over-long final draft block.
         self._max_length = input_ids.shape[1] + max_new_tokens + self.max_draft_tokens + 1
         self._open: list = []
@@ -252,6 +259,7 @@ class Decoder(abc.ABC):
             steps=tuple(progress.steps),
             target_forwards=counts[0],
             draft_forwards=counts[1],
+            phase_times_s=progress.timer.totals_s(),
         )
 
     def _cache(self, model: PreTrainedModel, rows: int = 1) -> kv.CachedModel | static.StaticCachedModel:
@@ -259,7 +267,7 @@ class Decoder(abc.ABC):
         graphs = self.cuda_graphs and kv.device_of(model).type == "cuda"
         if (graphs or self.static_cache) and static.supports_static_cache(model):
             cache = static.acquire(model, rows, self._max_length, graphs, busy=self._open,
-                                   compile=graphs and self.compile_model)
+                                   compile=self.compile_model if graphs else False)
         else:
             cache = kv.CachedModel(model)
         self._open.append(cache)

@@ -11,6 +11,8 @@ import inspect
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from decoders.probs import filtered_probs
+
 
 def device_of(model: PreTrainedModel) -> torch.device:
     """Device of the model's input embeddings (where input ids must live)."""
@@ -91,6 +93,11 @@ class CachedModel:
         out = self.model(input_ids=tokens, use_cache=True, logits_to_keep=n_keep, **kwargs)
         self.forwards += 1
         return out.logits[:, -n_keep:].to(self.device).float()
+
+    def probs(self, tokens: torch.Tensor, keep: int, filters: tuple[float, int, float]) -> torch.Tensor:
+        """``probs.filtered_probs(self(tokens, keep), *filters)``: the filtered next-token
+        distributions ``(batch, keep, V)`` (the fast path computes them in its graph)."""
+        return filtered_probs(self(tokens, keep), *filters)
 
     def crop(self, length: int) -> None:
         """Drop cached positions from ``length`` on (rejected draft tokens)."""

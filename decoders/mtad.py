@@ -65,7 +65,7 @@ class BeamProposer(DraftModelProposer):
         """
         draft, width, g = self.cache, self.width, budget
         # 1. First tokens from q_1; weights are their probabilities, renormalised.
-        q1 = P.filtered_probs(draft(self.pending(seq).view(1, -1), keep=1)[0, -1], *self.filters)
+        q1 = draft.probs(self.pending(seq).view(1, -1), 1, self.filters)[0, -1]
         tokens = P.sample_many(q1, width, self.replacement, generator).view(width, 1)
         scores = q1[tokens[:, 0]]
         weights = scores / scores.sum()
@@ -74,7 +74,7 @@ class BeamProposer(DraftModelProposer):
             draft.repeat(width)
         # 2. Extend every beam by one token per depth from weight_b * q(token | beam_b).
         for _ in range(g - 1):
-            q = P.filtered_probs(draft(tokens[:, -1:], keep=1)[:, -1], *self.filters)  # (width, V)
+            q = draft.probs(tokens[:, -1:], 1, self.filters)[:, -1]  # (width, V)
             joint = (weights.unsqueeze(1) * q).flatten()
             pick = P.sample_many(joint, width, self.replacement, generator)
             parent, token = pick // q.shape[1], pick % q.shape[1]

@@ -23,19 +23,27 @@ def filtered_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: 
         # synchronisation per call that would stall every queued decode step.
         return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     logits = logits / temperature
+    index = None
     if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        values, index = torch.topk(logits, top_k, dim=-1)  # sorted, descending
+        # Tokens tied with the k-th logit stay, as in transformers' top-k.
+        logits = logits.masked_fill(logits < values[..., -1:], float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-        # Drop a token once the mass before it already reaches top_p; the most
-        # likely token is always kept.
-        drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        probs = probs.masked_fill(drop, 0.0)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
+    if top_p >= 1.0:
+        return probs
+    if index is not None:
+        # Top-p over the top-k survivors only: topk already sorted them, so the
+        # nucleus needs no sort of the whole vocabulary (on a 150k vocabulary
+        # that sort costs more than a small model's forward).
+        sorted_probs = probs.gather(-1, index)
+    else:
+        sorted_probs, index = torch.sort(probs, dim=-1, descending=True)
+    # Drop a token once the mass before it already reaches top_p (the most likely
+    # token always stays); tokens tied with the last one kept stay too.
+    kept = (sorted_probs.cumsum(-1) - sorted_probs) < top_p
+    cut = sorted_probs.masked_fill(~kept, float("inf")).amin(-1, keepdim=True)
+    probs = probs.masked_fill(probs < cut, 0.0)
+    return probs / probs.sum(-1, keepdim=True)
 
 
 def _exponential(shape: torch.Size, generator: torch.Generator, device: torch.device) -> torch.Tensor:

@@ -26,7 +26,11 @@ class SamplingDecoder(Decoder):
 
         def queue_next(tokens: torch.Tensor) -> torch.Tensor:
             """Queue a forward and a draw on the device; nothing waits for them."""
-            return P.sample(P.filtered_probs(target(tokens, keep=1)[0, -1], *filt), generator)
+            p = target.probs(tokens, 1, filt)[0, -1]
+            progress.timer.mark("verify")
+            token = P.sample(p, generator)
+            progress.timer.mark("accept")
+            return token
 
         token = queue_next(input_ids)
         while True:

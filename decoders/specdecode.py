@@ -73,7 +73,7 @@ class ChainProposer(DraftModelProposer):
         drafts, q = [], []
         pending = self.pending(seq)
         for _ in range(budget):
-            q_j = P.filtered_probs(self.cache(pending.view(1, -1), keep=1)[0, -1], *self.filters)
+            q_j = self.cache.probs(pending.view(1, -1), 1, self.filters)[0, -1]
             x_j = P.sample(q_j, generator)
             drafts.append(x_j)
             q.append(q_j)

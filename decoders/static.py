@@ -23,11 +23,14 @@ which turns ``repeat`` into a no-op and ``select`` into in-place row copies.
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
 
 import torch
 from transformers import PreTrainedModel, StaticCache
 
+from decoders import fused as fused_forward
+from decoders import probs as P
 from decoders.kv import cache_kwarg, device_of
 
 # Forwards of at most this many new tokens are graphed; longer ones (prompts)
@@ -66,11 +69,15 @@ class StaticCachedModel:
             which is how the CPU tests check this class.
         compile: run decode-sized forwards through ``torch.compile`` (fused
             norms, rotary and activations; fewer kernels per layer) before
-            capturing them. Costs a compilation per shape on first use.
+            capturing them. Costs a compilation per shape on first use. None:
+            compile only the fused forward's layer (seconds, not minutes).
+        fused: for a Llama-family model, run ``decoders.fused.FusedForward``
+            (the same function in far fewer kernels, over its own KV tensors)
+            instead of the model's forward over a transformers ``StaticCache``.
     """
 
     def __init__(self, model: PreTrainedModel, rows: int, max_length: int, graphs: bool,
-                 compile: bool = False) -> None:
+                 compile: bool | None = False, fused: bool = True) -> None:
         # Weak: the per-model pool below must not keep the model it is keyed by alive.
         self._model = weakref.ref(model)
         self.device = device_of(model)
@@ -79,15 +86,28 @@ class StaticCachedModel:
         self.rows = rows
         self.max_length = max_length
         self.graphs = graphs
+        self.compile_setting = compile  # as asked (acquire matches on it)
+        self.source = fused_forward.identity(model)  # what the cache was built over (see acquire)
+        self.engine = None
+        if fused and fused_forward.supports(model) and fused_forward.room_for_copies(model):
+            self.engine = fused_forward.FusedForward(model, rows, max_length)
+        else:
+            self.cache = StaticCache(config=model.config, max_cache_len=max_length)
+            self._cache_kwarg = cache_kwarg(model)
+        if compile is None:
+            compile = self.engine is not None
         self.compiled = compile
         self._compiled_forward = None
         if compile:
-            # Every (cache, step shape) is one more compiled version of the same
-            # function; past dynamo's limit (8) it would silently run eagerly.
+            # Every step shape (and model shape) is one more compiled version of
+            # the same function; past dynamo's limit (8) it would silently run eagerly.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            self._compiled_forward = torch.compile(self._forward, dynamic=False)
-        self.cache = StaticCache(config=model.config, max_cache_len=max_length)
-        self._cache_kwarg = cache_kwarg(model)
+        if compile:
+            # Fused: one compiled layer serves all layers (seconds per step shape);
+            # otherwise the model's whole forward is compiled.
+            if self.engine is None:
+                self._compiled_model_logits = torch.compile(self._model_logits, dynamic=False)
+            self._compiled_forward = functools.partial(self._forward, compiled=True)
         self._dtype = next(model.parameters()).dtype
         # The one piece of state a forward reads: how many positions are cached.
         self._start = torch.zeros((), dtype=torch.long, device=self.device)
@@ -114,6 +134,17 @@ class StaticCachedModel:
 
     def __call__(self, tokens: torch.Tensor, keep: int | None = None) -> torch.Tensor:
         """Feed ``tokens`` ``(batch, n)`` after the cached prefix; see ``CachedModel``."""
+        return self._run(tokens, keep, None)
+
+    def probs(self, tokens: torch.Tensor, keep: int, filters: tuple[float, int, float]) -> torch.Tensor:
+        """``probs.filtered_probs`` of the logits, computed inside the captured graph.
+
+        The filter (softmax, top-k, top-p over a vocabulary of up to 150k) is a
+        dozen small kernels; replayed with the forward it costs no launches.
+        """
+        return self._run(tokens, keep, tuple(filters))
+
+    def _run(self, tokens: torch.Tensor, keep: int | None, filters: tuple | None) -> torch.Tensor:
         batch, n = tokens.shape
         keep = n if keep is None else keep
         if batch != self._width:
@@ -122,21 +153,23 @@ class StaticCachedModel:
             raise ValueError(f"cache of {self.max_length} positions cannot take {n} more after {self._length}")
         self._start.fill_(self._length)
         if self.graphs and n <= MAX_GRAPHED_TOKENS and self._length > 0:
-            graph = self._graphed.get((n, keep))
+            graph = self._graphed.get((n, keep, filters))
             if graph is None:
-                graph = self._graphed[(n, keep)] = _Graph(self, tokens, keep)
+                graph = self._graphed[(n, keep, filters)] = _Graph(self, tokens, keep, filters)
                 logits, graph.first_logits = graph.first_logits, None
             else:
                 logits = graph.replay(tokens)
                 self.replays += 1
         else:
-            logits = self._forward(tokens, keep)
+            logits = self._forward(tokens, keep, filters=filters)
         self._length += n
         self.forwards += 1
         return logits[: self._width]
 
-    def _forward(self, tokens: torch.Tensor, keep: int) -> torch.Tensor:
-        """One forward at positions ``start .. start + n``; returns float32 logits ``(rows, keep, V)``.
+    def _forward(self, tokens: torch.Tensor, keep: int, compiled: bool = False,
+                 filters: tuple | None = None) -> torch.Tensor:
+        """One forward at positions ``start .. start + n``; returns float32 logits ``(rows, keep, V)``,
+        or their ``filtered_probs`` under ``filters``.
 
         Everything here is device work driven by ``self._start``, so the same
         code runs eagerly and inside a graph capture.
@@ -144,13 +177,26 @@ class StaticCachedModel:
         n = tokens.shape[1]
         tokens = tokens.expand(self.rows, n)
         positions = self._start + self._kv_index[:n]
+        visible = self._kv_index.view(1, -1) <= positions.view(-1, 1)  # (n, max_length)
+        mask = torch.zeros(visible.shape, dtype=self._dtype, device=self.device)
+        mask = mask.masked_fill(~visible, torch.finfo(self._dtype).min)
+        if self.engine is not None:
+            logits = self.engine(tokens, positions, mask, keep, compiled)
+        else:
+            logits = (self._compiled_model_logits if compiled else self._model_logits)(tokens, positions, mask, keep)
+        # The filter stays out of any compiled function (a new setting would recompile
+        # the model) but inside the captured graph.
+        logits = logits.float()
+        return logits if filters is None else P.filtered_probs(logits, *filters)
+
+    def _model_logits(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                      keep: int) -> torch.Tensor:
+        """The model's own forward over transformers' ``StaticCache``."""
+        n = tokens.shape[1]
         # StaticCache writes at its own per-layer counters: point them at start.
         counters = [layer.cumulative_length for layer in self.cache.layers if layer.is_initialized]
         if counters:
             torch._foreach_copy_(counters, [self._start] * len(counters))
-        visible = self._kv_index.view(1, -1) <= positions.view(-1, 1)  # (n, max_length)
-        mask = torch.zeros(visible.shape, dtype=self._dtype, device=self.device)
-        mask = mask.masked_fill(~visible, torch.finfo(self._dtype).min)
         out = self.model(
             input_ids=tokens,
             attention_mask=mask.expand(self.rows, 1, n, self.max_length),
@@ -159,7 +205,7 @@ class StaticCachedModel:
             logits_to_keep=keep,
             **{self._cache_kwarg: self.cache},
         )
-        return out.logits[:, -keep:].to(self.device).float()
+        return out.logits[:, -keep:].to(self.device)
 
     def crop(self, length: int) -> None:
         """Drop cached positions from ``length`` on: later forwards overwrite them."""
@@ -177,7 +223,9 @@ class StaticCachedModel:
         """Keep rows ``rows``: all beams reordered, or one beam copied to every row."""
         if rows.numel() not in (1, self.rows):
             raise ValueError(f"select() takes 1 or {self.rows} rows, got {rows.numel()}")
-        if self.rows > 1:
+        if self.rows > 1 and self.engine is not None:
+            self.engine.select(rows.view(-1).expand(self.rows))
+        elif self.rows > 1:
             index = rows.view(-1).expand(self.rows)
             for layer in self.cache.layers:
                 if layer.is_initialized:
@@ -195,7 +243,7 @@ class _Graph:
     logits are ``first_logits``), and the capture itself computes nothing.
     """
 
-    def __init__(self, owner: StaticCachedModel, tokens: torch.Tensor, keep: int) -> None:
+    def __init__(self, owner: StaticCachedModel, tokens: torch.Tensor, keep: int, filters: tuple | None) -> None:
         self.tokens = tokens.expand(owner.rows, -1).clone()
         self.graph = torch.cuda.CUDAGraph()
         stream = torch.cuda.Stream(owner.device)
@@ -213,9 +261,9 @@ class _Graph:
             tuning = inductor_config.patch(coordinate_descent_tuning=True)
         with torch.cuda.stream(stream):
             with tuning:
-                self.first_logits = forward(self.tokens, keep)
+                self.first_logits = forward(self.tokens, keep, filters=filters)
             with torch.cuda.graph(self.graph, pool=owner._pool, stream=stream):
-                self.logits = forward(self.tokens, keep)
+                self.logits = forward(self.tokens, keep, filters=filters)
         current.wait_stream(stream)
         self.first_logits.record_stream(current)  # made on the side stream, used on this one
 
@@ -232,15 +280,19 @@ _POOL: weakref.WeakKeyDictionary[PreTrainedModel, list[StaticCachedModel]] = wea
 
 
 def acquire(model: PreTrainedModel, rows: int, max_length: int, graphs: bool, busy: list,
-            compile: bool = False) -> StaticCachedModel:
+            compile: bool | None = False) -> StaticCachedModel:
     """A reset static cache for ``model`` with ``rows`` rows and room for ``max_length``.
 
     Reuses a cache of this model that is not in ``busy`` (the caches the current
     generation already holds: a draft may be the target itself), else builds one.
     """
     caches = _POOL.setdefault(model, [])
+    # A cache whose model changed since (weights loaded in place, .to(dtype)) holds
+    # graphs over old addresses and, on the fused path, stale weight copies.
+    identity = fused_forward.identity(model)
+    caches[:] = [c for c in caches if c.source == identity]
     for i, cache in enumerate(caches):
-        same_kind = (cache.rows, cache.graphs, cache.compiled) == (rows, graphs, compile)
+        same_kind = (cache.rows, cache.graphs, cache.compile_setting) == (rows, graphs, compile)
         if same_kind and all(cache is not b for b in busy):
             if cache.max_length >= max_length:
                 cache.reset()

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
+IDLE_WINDOW_S = 2.0  # long enough for NVML's ~0.1 s counter to give a steady figure
+IDLE_SETTLE_S = 1.0
+
 
 class EnergyUnavailableError(RuntimeError):
     """``--energy`` was asked for, but this machine cannot measure GPU energy."""
@@ -86,6 +89,17 @@ class EnergyMeter:
         m = self._monitor.end_window(name, sync_execution=self._sync)
         overhead = self._opened.pop(name) + time.perf_counter() - t0
         return EnergyWindow(name, float(m.time), {int(k): float(v) for k, v in m.gpu_energy.items()}, overhead)
+
+    def idle_power_w(self, seconds: float = IDLE_WINDOW_S) -> float:
+        """Mean power of the GPUs over ``seconds`` of doing nothing (all of them together).
+
+        Measured before a run, so that energy above idle can be read beside the
+        measured joules (an H200 draws about 78 W idle).
+        """
+        time.sleep(IDLE_SETTLE_S)  # let the card come down from the model load
+        self.begin("idle")
+        time.sleep(seconds)
+        return self.end("idle").mean_power_w
 
     def cancel(self, name: str) -> None:
         """Close a window without a result (the sweep failed)."""

@@ -94,3 +94,22 @@ def tokens_per_iteration(steps: pd.DataFrame) -> str | None:
     ax.set(xlabel="tokens committed per target forward", ylabel="share of iterations")
     ax.xaxis.get_major_locator().set_params(integer=True)
     return _png(fig)
+
+
+def time_breakdown(gens: pd.DataFrame) -> str | None:
+    """Per decoder, ms per generated token split into draft, verify, accept and other
+    (``decoders.timing``): why a method wins or loses."""
+    phases = ["draft_s", "verify_s", "accept_s", "other_s"]
+    if any(c not in gens for c in phases) or gens[phases].isna().all().all():
+        return None
+    totals = gens.groupby("series", sort=False)[[*phases, "new_tokens"]].sum()
+    per_token = 1e3 * totals[phases].div(totals.new_tokens.clip(lower=1), axis=0)
+    fig, ax = plt.subplots(figsize=(7, 0.6 + 0.45 * len(per_token)))
+    left = np.zeros(len(per_token))
+    for phase, color in zip(phases, sns.color_palette(n_colors=len(phases)), strict=True):
+        ax.barh(per_token.index, per_token[phase], left=left, color=color, label=phase.removesuffix("_s"))
+        left += per_token[phase].to_numpy()
+    ax.invert_yaxis()
+    ax.set(xlabel="ms per generated token, by phase (all generations)", ylabel="")
+    ax.legend(ncols=4, fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0))
+    return _png(fig)

@@ -98,7 +98,7 @@ class DecodingLM(HFLM):
         max_batch_size: int | None = None,
         parallelize: bool = False,
         cuda_graphs: bool = True,
-        compile_model: bool = False,
+        compile_model: bool | None = None,
         **kwargs: Any,
     ) -> None:
         self.decoder_name = self._choose_decoder(decoder)
@@ -160,6 +160,7 @@ class DecodingLM(HFLM):
             out = str(base / "decoding-traces" / f"{self.decoder_name}-{stamp[0]}")
         self.trace_dir = Path(out) if out else None
         self._calls = 0
+        self._warmed = False
         self._record: RunRecord | None = None
 
     def _choose_decoder(self, decoder: str | None) -> str:
@@ -210,32 +211,33 @@ class DecodingLM(HFLM):
         writer = trace.SweepWriter(self.trace_dir, sweep) if self.trace_dir else None
         if writer is not None and self._record is None:
             self._record = self._start_record()
-        results = []
+        results, decoded = [], []
+        jobs = [self._job(index, request, eos_text) for index, request in enumerate(requests)]
+        if jobs and not self._warmed and (self.meter is not None or writer is not None):
+            # Compiling and capturing the decode steps happens once, outside every
+            # window and trace (as harness profile's warm-up does).
+            prompt, decoder, max_gen, until, _ = jobs[0]
+            timed_generate(decoder, prompt, max_gen, 0, eos, device, stop_check(self.tokenizer, until))
+            self._warmed = True
+        # The window holds decoding only; perplexity and trace rows come after it.
         with measured(self.meter, sweep) as window:
-            for index, request in enumerate(tqdm(requests, disable=disable_tqdm or self.rank != 0,
-                                                 desc=f"{self.decoder_name} generate_until")):
-                context, gen_kwargs = request.args
-                kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
-                until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
-                max_gen = int(kwargs.pop("max_gen_toks"))
-                ids = self.tok_encode(context, left_truncate_len=self.max_length - max_gen)
-                task = getattr(request, "task_name", None)
-                doc = getattr(request, "doc_id", None)
-                pid = f"{task}/{doc}" if task is not None else f"req{index:05d}"
-                prompt = Prompt(pid, context, torch.tensor([ids], dtype=torch.long))
-                decoder = self._decoder(kwargs)
-                seed = generation_seed(self.seed, hashlib.sha256(context.encode()).hexdigest(), 0)
+            for (prompt, decoder, max_gen, until, _), request in zip(
+                    tqdm(jobs, disable=disable_tqdm or self.rank != 0, desc=f"{self.decoder_name} generate_until"),
+                    requests, strict=True):
+                seed = generation_seed(self.seed, hashlib.sha256(prompt.text.encode()).hexdigest(), 0)
                 out, time_s, ttft_s = timed_generate(decoder, prompt, max_gen, seed, eos, device,
                                                      stop_check(self.tokenizer, until))
                 text = postprocess_generated_text(self.tok_decode(out.tokens.tolist()), until, None)
                 results.append(text)
-                self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
-                if writer is not None:
-                    ppl = output_perplexity(self.models.target, prompt.input_ids, out.tokens)
-                    spec = DecoderSpec(self.decoder_name, self.decoder_name, decoder.params)
-                    row = generation_row(self._ctx(sweep), spec, decoder, prompt, index, 0, seed, out, time_s,
-                                         ttft_s, ppl, text, eos)
-                    writer.add(row, out.steps)
+                self.cache_hook.add_partial("generate_until", request.args, text)
+                decoded.append((prompt, decoder, seed, out, time_s, ttft_s, text))
+        if writer is not None:
+            for index, (prompt, decoder, seed, out, time_s, ttft_s, text) in enumerate(decoded):
+                ppl = output_perplexity(self.models.target, prompt.input_ids, out.tokens)
+                spec = DecoderSpec(self.decoder_name, self.decoder_name, decoder.params)
+                row = generation_row(self._ctx(sweep), spec, decoder, prompt, index, 0, seed, out, time_s,
+                                     ttft_s, ppl, text, eos)
+                writer.add(row, out.steps)
         if window:
             print(f"{self.decoder_name}: {window[0].total_j:.1f} J over {window[0].time_s:.2f} s "
                   f"({window[0].mean_power_w:.0f} W)", file=sys.stderr)
@@ -244,6 +246,19 @@ class DecodingLM(HFLM):
         if self._record is not None:
             self._record.finish()
         return results
+
+    def _job(self, index: int, request, eos_text: str):
+        """``(prompt, decoder, max_gen, until, gen_kwargs)`` of one ``generate_until`` request."""
+        context, gen_kwargs = request.args
+        kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
+        until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
+        max_gen = int(kwargs.pop("max_gen_toks"))
+        ids = self.tok_encode(context, left_truncate_len=self.max_length - max_gen)
+        task = getattr(request, "task_name", None)
+        doc = getattr(request, "doc_id", None)
+        pid = f"{task}/{doc}" if task is not None else f"req{index:05d}"
+        return Prompt(pid, context, torch.tensor([ids], dtype=torch.long)), self._decoder(kwargs), max_gen, until, \
+            gen_kwargs
 
     # -- traces --------------------------------------------------------------
 

@@ -68,9 +68,10 @@ class GenerationSpec:
     seed: int = 0
     # Execution settings (see decoders.Decoder): on a model on one CUDA device,
     # decode steps replay CUDA graphs over a static cache; compile_model also
-    # runs them through torch.compile first (faster steps, slow first call).
+    # runs them through torch.compile first: null (default) where it is cheap
+    # (Llama-family models, seconds), true everywhere, false never.
     cuda_graphs: bool = True
-    compile_model: bool = False
+    compile_model: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ _TYPES = {
         "source": (str, type(None)), "scorer": (str, type(None)),
     },
     GenerationSpec: {"max_new_tokens": int, "repeats": int, "warmup": int, "seed": int, "cuda_graphs": bool,
-                     "compile_model": bool},
+                     "compile_model": (bool, type(None))},
 }
 _MINIMUM = {"max_new_tokens": 1, "repeats": 1, "warmup": 0, "seed": 0, "limit": 1}
 _DTYPES = ("auto", "float32", "bfloat16", "float16")

@@ -44,11 +44,12 @@ def load_run(path: str | Path, name: str | None = None) -> RunData:
     return RunData(name or path.name, path, info, gens, steps)
 
 
-def _windows_by_label(info: dict[str, Any]) -> dict[str, tuple[float, int]]:
-    out: dict[str, tuple[float, int]] = {}
+def _windows_by_label(info: dict[str, Any]) -> dict[str, tuple[float, int, float]]:
+    """Per label: measured joules, new tokens and window seconds of its sweeps."""
+    out: dict[str, tuple[float, int, float]] = {}
     for w in info.get("energy_windows", []):
-        j, n = out.get(w["decoder_label"], (0.0, 0))
-        out[w["decoder_label"]] = (j + w["total_energy_j"], n + w["new_tokens"])
+        j, n, t = out.get(w["decoder_label"], (0.0, 0, 0.0))
+        out[w["decoder_label"]] = (j + w["total_energy_j"], n + w["new_tokens"], t + w["time_s"])
     return out
 
 
@@ -87,6 +88,7 @@ def summarise(run: RunData, label_by_run: bool = False) -> pd.DataFrame:
     gens = run.gens
     rows = []
     windows = _windows_by_label(run.info)
+    idle_w = run.info.get("idle_power_w")
     baselines = _baselines(gens)
     if len(baselines) > 1:
         run.notes.append(f"several {BASELINE} settings: each decoder is compared with the {BASELINE} setting of "
@@ -117,6 +119,9 @@ def summarise(run: RunData, label_by_run: bool = False) -> pd.DataFrame:
             "new_tokens": int(g.new_tokens.sum()),
             "energy_estimated": bool(g.energy_estimated.fillna(False).any()),
             "measured_j_per_token": measured[0] / measured[1] if measured and measured[1] else float("nan"),
+            # What decoding added to the card's idle draw (idle power measured before the run).
+            "measured_j_per_token_above_idle": ((measured[0] - idle_w * measured[2]) / measured[1]
+                                                if measured and measured[1] and idle_w else float("nan")),
         }
         for key, est in {
             "tokens_per_s": tps,
@@ -175,6 +180,7 @@ def _setup(run: RunData) -> dict[str, Any]:
         "started": info.get("started"),
         "ended": info.get("ended"),
         "generation": prof.get("generation", {}),
+        "idle_power_w": info.get("idle_power_w"),
         "prompts": int(run.gens.prompt_id.nunique()) if len(run.gens) else 0,
     }
 
@@ -212,11 +218,13 @@ def render_report(run_dirs: list[str | Path], out: str | Path, title: str = "Dec
             "Acceptance by draft position": figures.acceptance_by_position(gens),
             "Speed vs quality": figures.speed_vs_quality(summary),
             "Tokens per iteration": figures.tokens_per_iteration(steps),
+            "Where the time goes": figures.time_breakdown(gens),
         }
         missing = {"Energy per token": "no energy measurements in these runs",
                    "Acceptance by draft position": "no assisted decoder in these runs",
                    "Speed vs quality": "no perplexity figures",
-                   "Tokens per iteration": "no step records"}
+                   "Tokens per iteration": "no step records",
+                   "Where the time goes": "no phase timings (runs made before they were recorded)"}
         figs = {k: (v if v is not None else {"missing": missing.get(k, "no data")}) for k, v in figs.items()}
     env = jinja2.Environment(loader=jinja2.PackageLoader("harness", "templates"), autoescape=True,
                              undefined=jinja2.StrictUndefined)

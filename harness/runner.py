@@ -24,7 +24,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from decoders import Decoder, GenerationOutput, decoder_class, get_decoder
+from decoders import Decoder, GenerationOutput, StepRecord, decoder_class, get_decoder
+from decoders.timing import PHASES
 from harness import scorers, trace
 from harness.distributed import Ranks, init_ranks, shutdown
 from harness.energy import EnergyMeter, gpu_indices_for, measured
@@ -130,6 +131,7 @@ def generation_row(
         "accepted_by_position": accepted_pos,
         "target_forwards": out.target_forwards,
         "draft_forwards": out.draft_forwards,
+        **{f"{phase}_s": out.phase_times_s.get(phase) for phase in PHASES},
         "output_ppl": ppl,
         "gpu_energy_j": None,
         "energy_per_token_j": None,
@@ -219,6 +221,9 @@ def run_profile(
                                  source="profile", profile=profile.to_dict(), fingerprint=profile.fingerprint(),
                                  energy=bool(meter), models=models, world_size=ranks.world_size,
                                  previous=previous)
+        if meter is not None:  # before any decoding, with the models loaded and the card at rest
+            record.data["idle_power_w"] = meter.idle_power_w()
+            record.save()
     ranks.barrier()
     if not ranks.is_main:  # the same run_id everywhere; windows go to a per-rank file
         data = trace.read_run_json(run_dir)
@@ -259,29 +264,80 @@ def run_profile(
 
 
 def _run_sweep(spec, todo, sweep, models, prompts, gen, eos, should_stop, ctx, run_dir, meter, record, bar,
-                       task) -> None:
-    """One decoder setting over its (prompt, repeat) cells, inside one energy window."""
+               task) -> None:
+    """One decoder setting over its (prompt, repeat) cells, inside one energy window.
+
+    The window holds decoding only: each generation is journaled as it ends
+    (``trace.Journal``), and its perplexity, text and table rows are made after
+    the window closes, so the window's joules are the decoder's own.
+    """
     draft = models.draft if decoder_class(spec.name).needs_draft else None
     decoder = get_decoder(spec.name, target=models.target, draft=draft, cuda_graphs=gen.cuda_graphs,
                           compile_model=gen.compile_model, **spec.params)
     bar.update(task, description=spec.label)
+    journal = trace.Journal(run_dir, sweep.rsplit("-a", 1)[0])  # the same name in every attempt
+    todo = _recover(journal, spec, decoder, todo, sweep, models, prompts, eos, ctx, run_dir, bar, task)
+    if not todo:
+        journal.remove()
+        return
     for w in range(gen.warmup):  # kept out of the numbers and the energy window
         decoder.generate(prompts[0].input_ids.to(models.device), gen.max_new_tokens,
                          torch.Generator().manual_seed(w), eos)
-    writer = trace.SweepWriter(run_dir, sweep)
+    decoded, tokens, seconds = [], 0, 0.0
     with measured(meter, sweep) as window:
         for index, prompt, repeat in todo:
             seed = generation_seed(gen.seed, prompt.prompt_id, repeat)
             out, time_s, ttft_s = timed_generate(decoder, prompt, gen.max_new_tokens, seed, eos, models.device,
                                                  should_stop)
-            ppl = output_perplexity(models.target, prompt.input_ids, out.tokens)
-            text = models.tokenizer.decode(out.tokens, skip_special_tokens=True)
-            row = generation_row({**ctx, "sweep": sweep}, spec, decoder, prompt, index, repeat, seed,
-                                 out, time_s, ttft_s, ppl, text, eos)
-            writer.add(row, out.steps)
-            bar.update(task, advance=1, tps=f"{writer.new_tokens / sum(writer.times_s):.1f}")
+            journal.append(_journal_entry(index, prompt, repeat, seed, out, time_s, ttft_s))
+            decoded.append((index, prompt, repeat, seed, out, time_s, ttft_s))
+            tokens, seconds = tokens + len(out.tokens), seconds + time_s
+            bar.update(task, advance=1, tps=f"{tokens / seconds:.1f}")
+    writer = trace.SweepWriter(run_dir, sweep)
+    for index, prompt, repeat, seed, out, time_s, ttft_s in decoded:
+        _write_row(writer, spec, decoder, models, prompt, index, repeat, seed, out, time_s, ttft_s, eos,
+                   {**ctx, "sweep": sweep})
     if window:
         record.add_window(writer, spec.label, window[0])
+    journal.remove()
+
+
+def _journal_entry(index, prompt, repeat, seed, out: GenerationOutput, time_s, ttft_s) -> dict[str, Any]:
+    return {"prompt_index": index, "prompt_id": prompt.prompt_id, "repeat": repeat, "seed": seed,
+            "time_s": time_s, "ttft_s": ttft_s, "tokens": out.tokens.tolist(),
+            "steps": [[s.drafted, s.accepted, s.committed] for s in out.steps],
+            "target_forwards": out.target_forwards, "draft_forwards": out.draft_forwards,
+            "phase_times_s": out.phase_times_s}
+
+
+def _recover(journal, spec, decoder, todo, sweep, models, prompts, eos, ctx, run_dir, bar, task) -> list:
+    """Rows for the cells an interrupted attempt decoded but did not write; returns the cells left.
+
+    They go to a part of their own without energy: their window never closed.
+    """
+    entries = {(e["prompt_id"], e["repeat"]): e for e in journal.entries()}
+    left, writer = [], None
+    for index, prompt, repeat in todo:
+        e = entries.get((prompt.prompt_id, repeat))
+        if e is None or e["prompt_index"] != index:
+            left.append((index, prompt, repeat))
+            continue
+        out = GenerationOutput(tokens=torch.tensor(e["tokens"], dtype=torch.long),
+                               steps=tuple(StepRecord(*s) for s in e["steps"]), target_forwards=e["target_forwards"],
+                               draft_forwards=e["draft_forwards"], phase_times_s=e["phase_times_s"])
+        writer = writer or trace.SweepWriter(run_dir, f"{sweep}-recovered")
+        _write_row(writer, spec, decoder, models, prompt, index, repeat, e["seed"], out, e["time_s"], e["ttft_s"],
+                   eos, {**ctx, "sweep": writer.sweep})
+        bar.update(task, advance=1)
+    return left
+
+
+def _write_row(writer, spec, decoder, models, prompt, index, repeat, seed, out, time_s, ttft_s, eos, ctx) -> None:
+    """Score one decoded generation (output perplexity, text) and write its rows."""
+    ppl = output_perplexity(models.target, prompt.input_ids, out.tokens)
+    text = models.tokenizer.decode(out.tokens, skip_special_tokens=True)
+    writer.add(generation_row(ctx, spec, decoder, prompt, index, repeat, seed, out, time_s, ttft_s, ppl, text, eos),
+               out.steps)
 
 
 def _merge_rank_records(run_dir: Path, record: RunRecord, ranks: Ranks) -> None:

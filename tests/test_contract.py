@@ -143,9 +143,16 @@ def test_bad_parameter_types_and_unknown_parameters(tiny, name, params):
 
 @pytest.mark.parametrize("option", ["cuda_graphs", "compile_model"])
 def test_execution_settings_must_be_booleans(tiny, option):
-    with pytest.raises(TypeError, match=f"{option} must be true or false"):
+    with pytest.raises(TypeError, match=f"{option} must be true(,| or) false"):
         get_decoder("sampling", target=tiny.target, **{option: "yes"})
     assert getattr(get_decoder("sampling", target=tiny.target, **{option: False}), option) is False
+
+
+def test_compile_model_defaults_to_automatic(tiny):
+    """None: compile only where it is cheap (the fused layer); null in a profile means the same."""
+    assert get_decoder("sampling", target=tiny.target).compile_model is None
+    with pytest.raises(TypeError, match="cuda_graphs must be true or false"):
+        get_decoder("sampling", target=tiny.target, cuda_graphs=None)
 
 
 @pytest.mark.parametrize("name", NEEDS_DRAFT)

@@ -84,6 +84,73 @@ def test_profile_with_energy_fills_estimated_columns(fake_gpu, tmp_path):
         assert w["monitor_overhead_fraction"] is not None
 
 
+def test_windows_hold_decoding_only(fake_gpu, tmp_path, monkeypatch):
+    """Perplexity forwards and row writes happen after the window: with each
+    perplexity made to cost 0.2 s, no window grows by it."""
+    import harness.runner as runner
+
+    real = runner.output_perplexity
+
+    def slow_perplexity(*args, **kwargs):
+        time.sleep(0.2)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "output_perplexity", slow_perplexity)
+    profile = load_profile(SMOKE, ["generation.max_new_tokens=16", "generation.repeats=1"])
+    run_dir = run_profile(profile, tmp_path / "run", meter=EnergyMeter([0], sync=False), show_progress=False)
+    gens = pd.read_parquet(run_dir / "generations.parquet")
+    info = json.loads((run_dir / "run.json").read_text())
+    for w in info["energy_windows"]:
+        rows = gens[gens.sweep == w["sweep"]]
+        assert len(rows) == 4
+        # 4 x 0.2 s of perplexity would show; the window is the generations plus loop overhead.
+        assert w["time_s"] < rows.time_s.sum() + 0.1, w
+    # Idle power, measured before the run over IDLE_WINDOW_S: the fake draws POWER_W,
+    # read through a counter that moves every TICK_S.
+    from harness.energy import IDLE_WINDOW_S
+
+    assert info["idle_power_w"] == pytest.approx(POWER_W, abs=POWER_W * TICK_S / IDLE_WINDOW_S + 1e-6)
+
+
+def test_generations_decoded_before_a_crash_are_recovered(tmp_path, monkeypatch):
+    """A crash after a sweep's window (here in the perplexity forward) leaves the
+    journal; the resume writes its generations without decoding them again."""
+    import harness.runner as runner
+
+    overrides = ["generation.max_new_tokens=12", "generation.repeats=1"]
+    profile = load_profile(SMOKE, overrides)
+    reference = pd.read_parquet(run_profile(profile, tmp_path / "ref", show_progress=False) / "generations.parquet")
+    real = runner.output_perplexity
+    calls = []
+
+    def failing_perplexity(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:  # the second generation of the second sweep
+            raise RuntimeError("simulated crash")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "output_perplexity", failing_perplexity)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_profile(profile, tmp_path / "run", show_progress=False)
+    journals = list((tmp_path / "run" / "journal").glob("*.jsonl"))
+    assert len(journals) == 1 and len(journals[0].read_text().splitlines()) == 4
+    monkeypatch.setattr(runner, "output_perplexity", real)
+    generated = []
+    real_generate = runner.timed_generate
+    monkeypatch.setattr(runner, "timed_generate", lambda *a, **k: generated.append(1) or real_generate(*a, **k))
+    run_dir = run_profile(profile, tmp_path / "run", resume=True, show_progress=False)
+    assert len(generated) == 4  # only the third sweep's four cells; the second's came from the journal
+    assert not list((run_dir / "journal").glob("*.jsonl"))
+    gens = pd.read_parquet(run_dir / "generations.parquet")
+    # The crashed sweep's first row was written before the crash; its other three are recovered.
+    assert len(gens) == 12 and gens.sweep.str.endswith("-recovered").sum() == 3
+    key = ["decoder_label", "prompt_id", "repeat"]
+    merged = gens.merge(reference, on=key, suffixes=("", "_ref"))
+    assert len(merged) == 12
+    assert (merged.output_tokens.map(list) == merged.output_tokens_ref.map(list)).all()
+    assert merged.output_ppl.notna().all()
+
+
 def test_no_gpu_is_a_clear_error(monkeypatch):
     import zeus.monitor.energy as zeus_energy
     from zeus.device.gpu.common import ZeusGPUInitError
@@ -116,3 +183,17 @@ def test_real_gpu_energy_over_a_sweep(tmp_path):
     gens = pd.read_parquet(run_dir / "generations.parquet")
     assert (gens.gpu_energy_j > 0).all() and gens.energy_estimated.all()
     assert torch.cuda.is_available()
+
+
+def test_journal_survives_a_torn_last_line(tmp_path):
+    """A crash mid-write leaves half a line; it is skipped and the next entry is not lost."""
+    from harness.trace import Journal
+
+    journal = Journal(tmp_path, "00-x")
+    journal.append({"a": 1})
+    journal._file.close()  # the process died here; then a write it never finished:
+    with journal.path.open("a") as f:
+        f.write('{"a": 2, "tok')
+    resumed = Journal(tmp_path, "00-x")
+    resumed.append({"a": 3})
+    assert resumed.entries() == [{"a": 1}, {"a": 3}]

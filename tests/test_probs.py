@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from decoders.probs import filtered_probs, sample, sample_many
@@ -55,3 +56,29 @@ def test_sample_many_without_replacement_is_distinct_and_prefers_positive():
         assert set(picks[:2]) == {1, 3}  # positive-probability picks come first
     with_rep = sample_many(probs, 64, replacement=True, generator=g)
     assert set(with_rep.tolist()) <= {1, 3} and len(with_rep) == 64
+
+
+def _sorted_reference(logits, top_k, top_p):
+    """Top-k by threshold, then top-p over a full sort: the textbook form."""
+    if top_k:
+        logits = logits.masked_fill(logits < torch.topk(logits, top_k).values[..., -1:], float("-inf"))
+    probs = torch.softmax(logits, -1)
+    ordered, order = torch.sort(probs, descending=True)
+    drop = (ordered.cumsum(-1) - ordered) >= top_p
+    probs = probs.masked_fill(drop.scatter(-1, order, drop), 0.0)
+    return probs / probs.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize(("top_k", "top_p"), [(10, 0.9), (0, 0.9), (50, 0.5), (3, 0.99)])
+def test_top_p_over_the_top_k_survivors_equals_a_full_sort(top_k, top_p):
+    """The fast form (nucleus over topk's sorted survivors) is the textbook one."""
+    logits = 3 * torch.randn(8, 1000, generator=torch.Generator().manual_seed(top_k))
+    torch.testing.assert_close(filtered_probs(logits, 1.0, top_k, top_p), _sorted_reference(logits, top_k, top_p))
+
+
+def test_ties_at_a_cut_stay():
+    """Tokens tied with the k-th logit (bf16 logits tie often) stay, as in transformers;
+    so do tokens tied with the last one the nucleus keeps."""
+    logits = torch.tensor([5.0, 4.0, 3.0, 3.0, 3.0, 1.0])
+    assert (filtered_probs(logits, 1.0, 3, 1.0) > 0).tolist() == [True] * 5 + [False]
+    assert (filtered_probs(logits, 1.0, 0, 0.8) > 0).tolist() == [True] * 5 + [False]

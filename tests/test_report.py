@@ -90,9 +90,9 @@ def test_report_from_smoke_run_has_every_section(smoke_run, tmp_path):  # noqa: 
     assert proc.returncode == 0, proc.stderr
     page = out.read_text()
     for text in ["Setup", "Summary", "speedup vs sampling", "Latency per token", "Acceptance by draft position",
-                 "Speed vs quality", "Tokens per iteration", "has no energy measurements"]:
+                 "Speed vs quality", "Tokens per iteration", "Where the time goes", "has no energy measurements"]:
         assert text in page, text
-    assert page.count("<img src=\"data:image/png;base64,") == 4  # energy figure is replaced by a note
+    assert page.count("<img src=\"data:image/png;base64,") == 5  # energy figure is replaced by a note
     assert "http://" not in page and "https://" not in page  # self-contained
 
 

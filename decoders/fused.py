@@ -1,0 +1,214 @@
+"""A compact decode forward for Llama-family models (Llama, SmolLM2, Qwen2, Mistral).
+
+Why: with CUDA graphs the host is out of the way, and what is left of a small
+model's decode step is its kernel count. transformers' Llama layer runs about 40
+kernels (separate q/k/v and gate/up matmuls, a rotary embedding of half a dozen
+elementwise ops, the static cache's bookkeeping, mask handling), each a few
+microseconds however small its work; a 30-layer model then costs about 3.5 ms a
+step where its bytes would need 0.06 (SmolLM2-135M) to 0.8 ms (Qwen2.5-1.5B).
+This forward computes the same function with the fewest kernels plain PyTorch
+gives: one matmul for q, k and v together and one for gate and up (the weights
+concatenated once), rotary tables computed once per cache, grouped-query
+attention without repeating the keys, and one K and one V tensor for all layers
+(so a beam reorder is two copies). ``torch.compile`` of one layer
+(``compiled_layer``) then fuses the elementwise rest; compiling a layer rather
+than the model takes seconds, not minutes, because every layer reuses it.
+
+It reads the model's own parameters: the concatenated projections are the only
+copies, made once per model and dropped with it; where the device has no room
+for them (``room_for_copies``), the model's own forward runs instead.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+# Architectures whose decoder layer is exactly: RMSNorm, attention (rotary,
+# optional q/k/v bias), residual, RMSNorm, SiLU-gated MLP, residual.
+_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+# Rotary variants whose tables depend only on the position (not on the sequence
+# length seen so far, as "dynamic" and "longrope" do).
+_STATIC_ROPE = ("default", "linear", "llama3", "yarn")
+
+
+def supports(model: PreTrainedModel) -> bool:
+    """True when ``model``'s forward is the one this module computes."""
+    config = model.config
+    rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    return (
+        type(model).__name__ in _ARCHITECTURES
+        and getattr(config, "hidden_act", None) == "silu"
+        and rope in _STATIC_ROPE
+        and not getattr(config, "pretraining_tp", 1) > 1
+        and hasattr(model, "model") and hasattr(model.model, "rotary_emb")
+    )
+
+
+class _Weights:
+    """The model's parameters arranged for this forward: per layer, the flat tensor
+    arguments of ``decoder_layer`` (shared with the model, except concatenations)."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        inner = model.model
+        self.layers = []
+        for layer in inner.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv_w, qkv_b = _concatenate([attn.q_proj, attn.k_proj, attn.v_proj])
+            gate_up_w, gate_up_b = _concatenate([mlp.gate_proj, mlp.up_proj])
+            self.layers.append((layer.input_layernorm.weight, qkv_w, qkv_b, attn.o_proj.weight, attn.o_proj.bias,
+                                layer.post_attention_layernorm.weight, gate_up_w, gate_up_b,
+                                mlp.down_proj.weight, mlp.down_proj.bias))
+        self.embed = inner.embed_tokens.weight
+        self.norm = inner.norm.weight
+        # The head as the model's own module: a draft's may be more than a Linear
+        # (a head over a token subset that scatters to the full vocabulary).
+        self.head = model.get_output_embeddings()
+        self._sources = identity(model)
+
+    def current(self, model: PreTrainedModel) -> bool:
+        """False once the model's parameters were replaced (``.to(dtype)``) or
+        changed in place (``load_state_dict``, training): the copies are stale."""
+        return self._sources == identity(model)
+
+
+def identity(model: PreTrainedModel) -> list[tuple[int, int]]:
+    """Storage address and in-place version counter of every parameter (inference
+    tensors have no counter: they cannot change outside inference mode)."""
+    return [(p.data_ptr(), 0 if p.is_inference() else p._version) for p in model.parameters()]
+
+
+def _concatenate(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for several linear maps of the same input: one matmul."""
+    weight = torch.cat([lin.weight for lin in linears])
+    if all(lin.bias is None for lin in linears):
+        return weight, None
+    return weight, torch.cat([lin.weight.new_zeros(lin.weight.shape[0]) if lin.bias is None else lin.bias
+                              for lin in linears])
+
+
+def room_for_copies(model: PreTrainedModel) -> bool:
+    """Whether the concatenated projections (about the size of the layers) fit beside the
+    model; True once they exist, so every cache of a model takes the same path."""
+    device = next(model.parameters()).device
+    current = _WEIGHTS.get(model)
+    if device.type != "cuda" or (current is not None and current.current(model)):
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    layer_bytes = sum(p.numel() * p.element_size() for p in model.model.layers.parameters())
+    return free > 1.5 * layer_bytes
+
+
+_WEIGHTS: weakref.WeakKeyDictionary[PreTrainedModel, _Weights] = weakref.WeakKeyDictionary()
+
+
+def weights_of(model: PreTrainedModel) -> _Weights:
+    weights = _WEIGHTS.get(model)
+    if weights is None or not weights.current(model):
+        weights = _WEIGHTS[model] = _Weights(model)
+    return weights
+
+
+def decoder_layer(x, cos, sin, mask, keys, values, positions, ln1, qkv_w, qkv_b, o_w, o_b, ln2, gate_up_w,
+                  gate_up_b, down_w, down_b, *, heads: int, kv_heads: int, eps: float):
+    """One decoder layer on ``x`` ``(rows, n, hidden)``; writes this layer's K/V at ``positions``.
+
+    ``keys``/``values`` ``(rows, kv_heads, max_length, head_dim)``; ``mask``
+    ``(groups * n, max_length)`` float32, the additive mask repeated for each
+    query head of a group. Only tensors and constants as arguments, so one
+    compilation serves every layer of a model (and every model of its shape).
+    """
+    rows, n, _ = x.shape
+    head_dim = keys.shape[-1]
+    q, k, v = F.linear(_rms_norm(x, ln1, eps), qkv_w, qkv_b).split(
+        [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q = _rotate(q.view(rows, n, heads, head_dim).transpose(1, 2), cos, sin)
+    keys.index_copy_(2, positions, _rotate(k.view(rows, n, kv_heads, head_dim).transpose(1, 2), cos, sin))
+    values.index_copy_(2, positions, v.view(rows, n, kv_heads, head_dim).transpose(1, 2))
+    # Grouped-query attention with the heads of a group stacked as queries: no
+    # copy of the keys per head; softmax in float32 as transformers does.
+    q = q.reshape(rows, kv_heads, (heads // kv_heads) * n, head_dim)
+    scores = torch.matmul(q, keys.transpose(-1, -2)).float() * head_dim**-0.5 + mask
+    attn = torch.matmul(torch.softmax(scores, dim=-1).to(q.dtype), values)
+    attn = attn.view(rows, heads, n, head_dim).transpose(1, 2).reshape(rows, n, heads * head_dim)
+    x = x + F.linear(attn, o_w, o_b)
+    gate, up = F.linear(_rms_norm(x, ln2, eps), gate_up_w, gate_up_b).chunk(2, dim=-1)
+    return x + F.linear(F.silu(gate) * up, down_w, down_b)
+
+
+_compiled_layer = None
+
+
+def compiled_layer():
+    """``decoder_layer`` under ``torch.compile``, made once: compiling one layer
+    (not the whole model) takes seconds, and every layer reuses it."""
+    global _compiled_layer
+    if _compiled_layer is None:
+        _compiled_layer = torch.compile(decoder_layer, dynamic=None, fullgraph=True)
+    return _compiled_layer
+
+
+class FusedForward:
+    """The model's forward over its own KV cache of ``rows`` rows and ``max_length`` positions.
+
+    ``keys``/``values`` are ``(layers, rows, kv_heads, max_length, head_dim)``;
+    positions at or after the caller's cached length are free to overwrite.
+    """
+
+    def __init__(self, model: PreTrainedModel, rows: int, max_length: int) -> None:
+        if not supports(model):
+            raise ValueError(f"{type(model).__name__} is not a Llama-family model this forward computes")
+        config = model.config
+        self.weights = weights_of(model)
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.eps = config.rms_norm_eps
+        param = self.weights.embed
+        shape = (len(self.weights.layers), rows, self.kv_heads, max_length, head_dim)
+        self.keys = torch.zeros(shape, dtype=param.dtype, device=param.device)
+        self.values = torch.zeros_like(self.keys)
+        # The model's own rotary embedding, evaluated once for every position.
+        positions = torch.arange(max_length, device=param.device).view(1, -1)
+        cos, sin = model.model.rotary_emb(self.keys[0, :1, 0], positions)
+        self.cos, self.sin = cos[0], sin[0]  # (max_length, head_dim)
+
+    @torch.no_grad()  # the model's parameters require grad; a decode step never does
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, keep: int,
+                 compiled: bool = False) -> torch.Tensor:
+        """Logits ``(rows, keep, V)`` in the model's dtype for ``tokens`` ``(rows, n)`` at ``positions`` ``(n,)``.
+
+        ``mask`` is the additive attention mask ``(n, max_length)`` over the cache.
+        ``compiled`` runs each layer through ``compiled_layer()`` (decode shapes only:
+        every new shape compiles once).
+        """
+        w = self.weights
+        layer_fn = compiled_layer() if compiled else decoder_layer
+        x = F.embedding(tokens, w.embed)
+        cos, sin = self.cos[positions], self.sin[positions]  # (n, head_dim)
+        mask = mask.float().repeat(self.heads // self.kv_heads, 1)
+        for i, params in enumerate(w.layers):
+            x = layer_fn(x, cos, sin, mask, self.keys[i], self.values[i], positions, *params,
+                         heads=self.heads, kv_heads=self.kv_heads, eps=self.eps)
+        h = _rms_norm(x[:, -keep:], w.norm, self.eps)
+        return w.head(h)
+
+    def select(self, index: torch.Tensor) -> None:
+        """Row ``r`` of the cache becomes row ``index[r]`` (in place: graphs read these tensors)."""
+        self.keys.copy_(self.keys.index_select(1, index))
+        self.values.copy_(self.values.index_select(1, index))
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # As transformers: normalise in float32, round to the model's dtype, then scale.
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of ``x`` ``(rows, heads, n, head_dim)`` (the rotate-half form)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
