@@ -218,6 +218,10 @@ class Journal:
             self._file.close()
             self._file = None
         self.path.unlink(missing_ok=True)
+        try:
+            self.path.parent.rmdir()  # a finished run keeps no empty journal folder
+        except OSError:
+            pass  # other sweeps' journals are still there, or it never existed
 
 
 class CorruptRunError(ValueError):
