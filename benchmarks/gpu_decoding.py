@@ -276,7 +276,7 @@ def pace_prompts(pair, args) -> dict[str, list[torch.Tensor]]:
             for kind, spec in sets.items()}
 
 
-def bench_pace(args, name: str, bandwidth: float, meter) -> dict:
+def bench_pace(args, name: str, bandwidth: float, meter, result: dict, save) -> None:
     """Every decoder at its defaults on one pair, greedy and T=1, chat and code prompts, side by side.
 
     Per (setting, decoder): tokens/s, ms/token, tokens per target call, J/token
@@ -285,15 +285,16 @@ def bench_pace(args, name: str, bandwidth: float, meter) -> dict:
     target and draft forwards at (weights + KV) / the copy bandwidth measured
     in this process, per generated token. HF ``generate`` and HF assisted
     generation (the 0.5B/draft as assistant, gamma 4, no confidence cut) are
-    timed on the first ``--anchor-prompts`` prompts of each kind.
+    timed on the first ``--anchor-prompts`` prompts of each kind. Fills ``result``
+    and calls ``save()`` after every row.
     """
     pair = load_models(*PAIRS[name], dtype="bfloat16", device="cuda")
     prompts = pace_prompts(pair, args)
     eos, n = pair.tokenizer.eos_token_id, args.new_tokens
     t_bytes, d_bytes = model_bytes(pair.target), model_bytes(pair.draft)
     t_kv, d_kv = kv_bytes_per_position(pair.target), kv_bytes_per_position(pair.draft)
-    result: dict = {"pair": PAIRS[name], "new_tokens": n, "prompts": {k: len(v) for k, v in prompts.items()},
-                    "target_bytes": t_bytes, "draft_bytes": d_bytes, "bandwidth_Bps": bandwidth, "rows": []}
+    result.update(pair=PAIRS[name], new_tokens=n, prompts={k: len(v) for k, v in prompts.items()},
+                  target_bytes=t_bytes, draft_bytes=d_bytes, bandwidth_Bps=bandwidth, rows=[])
     cfg = pair.draft.generation_config
     cfg.num_assistant_tokens, cfg.num_assistant_tokens_schedule, cfg.assistant_confidence_threshold = \
         4, "constant", 0.0
@@ -318,18 +319,19 @@ def bench_pace(args, name: str, bandwidth: float, meter) -> dict:
                            floor_ms_per_token=1e3 * floor_s / row["tokens"],
                            x_floor=row["ms_per_token"] / (1e3 * floor_s / row["tokens"]))
                 result["rows"].append(row)
+                save()
                 print(_pace_line(row), flush=True)
         for kind, batch in prompts.items():
             for anchor, kwargs in (("hf_generate", {}), ("hf_assisted", {"assistant_model": pair.draft})):
                 row = _hf_sweep(pair.target, batch[: args.anchor_prompts], n, eos, filt, kwargs)
                 row.update(pair=name, setting=setting, decoder=anchor, prompts=kind)
                 result["rows"].append(row)
+                save()
                 print(_pace_line(row), flush=True)
     del pair
     static.release_all()
     gc.collect()
     torch.cuda.empty_cache()
-    return result
 
 
 def _pace_sweep(dec, prompts, n, eos, meter, window) -> dict:
@@ -451,11 +453,21 @@ def main() -> None:
     sections = set(args.sections.split(","))
     result: dict = {"command": "python benchmarks/gpu_decoding.py " + " ".join(sys.argv[1:]),
                     "environment": environment([torch.device("cuda")])}
+    gpu = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"gpu-decoding-{gpu}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        """Write what is measured so far: a run cut short (a lent GPU's budget) keeps its rows."""
+        out.write_text(json.dumps(result, indent=2) + "\n")
+
     if "pace" in sections:
         bandwidth = copy_bandwidth()
         meter = None if args.no_energy else EnergyMeter([torch.cuda.current_device()])
         result["idle_power_w"] = meter.idle_power_w() if meter else None
-        result["pace"] = {name: bench_pace(args, name, bandwidth, meter) for name in args.pairs.split(",")}
+        result["pace"] = {}
+        for name in args.pairs.split(","):
+            bench_pace(args, name, bandwidth, meter, result["pace"].setdefault(name, {}), save)
         print(pace_table(result["pace"]), flush=True)
     if "anchor" in sections:
         result["anchor"] = bench_anchor(args)
@@ -469,10 +481,7 @@ def main() -> None:
             result["energy"] = bench_energy(args, pair, prompts)
             print(json.dumps(result["energy"], indent=2), flush=True)
     result["table"] = (pace_table(result["pace"]) + "\n\n" if "pace" in result else "") + table(result)
-    gpu = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"gpu-decoding-{gpu}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    save()
     print(result["table"])
     print(f"wrote {out}")
 
