@@ -242,7 +242,8 @@ class DecodingLM(HFLM):
             print(f"{self.decoder_name}: {window[0].total_j:.1f} J over {window[0].time_s:.2f} s "
                   f"({window[0].mean_power_w:.0f} W)", file=sys.stderr)
             if writer is not None:
-                self._record.add_window(writer, self.decoder_name, window[0])
+                writer.set_energy(self._record.add_window(writer.sweep, self.decoder_name, window[0], writer.times_s,
+                                                          writer.new_tokens))
         if self._record is not None:
             self._record.finish()
         return results

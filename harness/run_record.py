@@ -80,19 +80,19 @@ class RunRecord:
         self.data.update(status="complete", ended=now())
         self.save()
 
-    def add_window(self, writer: trace.SweepWriter, label: str, window: EnergyWindow) -> None:
-        """Share ``window`` out over the sweep's generations by time, and record it."""
-        writer.set_energy(share_by_time(window, writer.times_s))
-        tokens = writer.new_tokens
+    def add_window(self, sweep: str, label: str, window: EnergyWindow, times_s: list[float],
+                   tokens: int) -> list[float]:
+        """Record ``window`` (saved at once) and return its joules shared out over the
+        sweep's generations by their times ``times_s``."""
         self.data.setdefault("energy_windows", []).append(
             {
-                "sweep": writer.sweep,
+                "sweep": sweep,
                 "decoder_label": label,
                 "time_s": window.time_s,
                 "gpu_energy_j": {str(k): v for k, v in window.gpu_energy_j.items()},
                 "total_energy_j": window.total_j,
                 "mean_power_w": window.mean_power_w,
-                "generation_time_s": sum(writer.times_s),
+                "generation_time_s": sum(times_s),
                 "new_tokens": tokens,
                 "energy_per_token_j": window.total_j / tokens if tokens else None,
                 "monitor_overhead_s": window.overhead_s,
@@ -102,3 +102,4 @@ class RunRecord:
             }
         )
         self.save()
+        return share_by_time(window, times_s)

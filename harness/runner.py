@@ -293,13 +293,20 @@ def _run_sweep(spec, todo, sweep, models, prompts, gen, eos, should_stop, ctx, r
             decoded.append((index, prompt, repeat, seed, out, time_s, ttft_s))
             tokens, seconds = tokens + len(out.tokens), seconds + time_s
             bar.update(task, advance=1, tps=f"{tokens / seconds:.1f}")
+    energy = [None] * len(decoded)
+    if window:  # recorded at once, and journaled: a crash while scoring keeps the measurement
+        energy = record.add_window(sweep, spec.label, window[0], [d[5] for d in decoded],
+                                   sum(len(d[4].tokens) for d in decoded))
+        journal.append({"energy_j": {_cell(d[1].prompt_id, d[2]): j for d, j in zip(decoded, energy, strict=True)}})
     writer = trace.SweepWriter(run_dir, sweep)
-    for index, prompt, repeat, seed, out, time_s, ttft_s in decoded:
+    for (index, prompt, repeat, seed, out, time_s, ttft_s), joules in zip(decoded, energy, strict=True):
         _write_row(writer, spec, decoder, models, prompt, index, repeat, seed, out, time_s, ttft_s, eos,
-                   {**ctx, "sweep": sweep})
-    if window:
-        record.add_window(writer, spec.label, window[0])
+                   {**ctx, "sweep": sweep}, joules)
     journal.remove()
+
+
+def _cell(prompt_id: str, repeat: int) -> str:
+    return f"{repeat}:{prompt_id}"
 
 
 def _journal_entry(index, prompt, repeat, seed, out: GenerationOutput, time_s, ttft_s) -> dict[str, Any]:
@@ -313,9 +320,12 @@ def _journal_entry(index, prompt, repeat, seed, out: GenerationOutput, time_s, t
 def _recover(journal, spec, decoder, todo, sweep, models, prompts, eos, ctx, run_dir, bar, task) -> list:
     """Rows for the cells an interrupted attempt decoded but did not write; returns the cells left.
 
-    They go to a part of their own without energy: their window never closed.
+    They go to a part of their own, with their share of their sweep's energy
+    when its window closed before the crash (journaled then).
     """
-    entries = {(e["prompt_id"], e["repeat"]): e for e in journal.entries()}
+    logged = journal.entries()
+    entries = {(e["prompt_id"], e["repeat"]): e for e in logged if "prompt_id" in e}
+    energy = {k: j for e in logged for k, j in e.get("energy_j", {}).items()}
     left, writer = [], None
     for index, prompt, repeat in todo:
         e = entries.get((prompt.prompt_id, repeat))
@@ -327,17 +337,18 @@ def _recover(journal, spec, decoder, todo, sweep, models, prompts, eos, ctx, run
                                draft_forwards=e["draft_forwards"], phase_times_s=e["phase_times_s"])
         writer = writer or trace.SweepWriter(run_dir, f"{sweep}-recovered")
         _write_row(writer, spec, decoder, models, prompt, index, repeat, e["seed"], out, e["time_s"], e["ttft_s"],
-                   eos, {**ctx, "sweep": writer.sweep})
+                   eos, {**ctx, "sweep": writer.sweep}, energy.get(_cell(prompt.prompt_id, repeat)))
         bar.update(task, advance=1)
     return left
 
 
-def _write_row(writer, spec, decoder, models, prompt, index, repeat, seed, out, time_s, ttft_s, eos, ctx) -> None:
+def _write_row(writer, spec, decoder, models, prompt, index, repeat, seed, out, time_s, ttft_s, eos, ctx,
+               joules) -> None:
     """Score one decoded generation (output perplexity, text) and write its rows."""
     ppl = output_perplexity(models.target, prompt.input_ids, out.tokens)
     text = models.tokenizer.decode(out.tokens, skip_special_tokens=True)
-    writer.add(generation_row(ctx, spec, decoder, prompt, index, repeat, seed, out, time_s, ttft_s, ppl, text, eos),
-               out.steps)
+    row = generation_row(ctx, spec, decoder, prompt, index, repeat, seed, out, time_s, ttft_s, ppl, text, eos)
+    writer.add(trace.with_energy(row, joules), out.steps)
 
 
 def _merge_rank_records(run_dir: Path, record: RunRecord, ranks: Ranks) -> None:

@@ -158,7 +158,7 @@ class SweepWriter:
     def set_energy(self, joules: Sequence[float]) -> None:
         """Fill in each generation's (estimated) energy and rewrite the rows."""
         for row, j in zip(self.generations, joules, strict=True):
-            row.update(gpu_energy_j=j, energy_per_token_j=j / max(row["new_tokens"], 1), energy_estimated=True)
+            with_energy(row, j)
         self.flush_generations()
 
     @property
@@ -174,6 +174,13 @@ class SweepWriter:
 
 
 JOURNAL = "journal"
+
+
+def with_energy(row: dict[str, Any], joules: float | None) -> dict[str, Any]:
+    """``row`` with its share of a sweep's measured energy (None: unmeasured)."""
+    if joules is not None:
+        row.update(gpu_energy_j=joules, energy_per_token_j=joules / max(row["new_tokens"], 1), energy_estimated=True)
+    return row
 
 
 class Journal:

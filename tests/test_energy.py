@@ -112,9 +112,10 @@ def test_windows_hold_decoding_only(fake_gpu, tmp_path, monkeypatch):
     assert info["idle_power_w"] == pytest.approx(POWER_W, abs=POWER_W * TICK_S / IDLE_WINDOW_S + 1e-6)
 
 
-def test_generations_decoded_before_a_crash_are_recovered(tmp_path, monkeypatch):
+def test_generations_decoded_before_a_crash_are_recovered(fake_gpu, tmp_path, monkeypatch):
     """A crash after a sweep's window (here in the perplexity forward) leaves the
-    journal; the resume writes its generations without decoding them again."""
+    journal; the resume writes its generations without decoding them again, with
+    their share of the energy the window measured."""
     import harness.runner as runner
 
     overrides = ["generation.max_new_tokens=12", "generation.repeats=1"]
@@ -131,14 +132,15 @@ def test_generations_decoded_before_a_crash_are_recovered(tmp_path, monkeypatch)
 
     monkeypatch.setattr(runner, "output_perplexity", failing_perplexity)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run_profile(profile, tmp_path / "run", show_progress=False)
+        run_profile(profile, tmp_path / "run", show_progress=False, meter=EnergyMeter([0], sync=False))
     journals = list((tmp_path / "run" / "journal").glob("*.jsonl"))
-    assert len(journals) == 1 and len(journals[0].read_text().splitlines()) == 4
+    assert len(journals) == 1 and len(journals[0].read_text().splitlines()) == 5  # 4 generations + their energy
     monkeypatch.setattr(runner, "output_perplexity", real)
     generated = []
     real_generate = runner.timed_generate
     monkeypatch.setattr(runner, "timed_generate", lambda *a, **k: generated.append(1) or real_generate(*a, **k))
-    run_dir = run_profile(profile, tmp_path / "run", resume=True, show_progress=False)
+    run_dir = run_profile(profile, tmp_path / "run", resume=True, show_progress=False,
+                          meter=EnergyMeter([0], sync=False))
     assert len(generated) == 4  # only the third sweep's four cells; the second's came from the journal
     assert not (run_dir / "journal").exists()
     gens = pd.read_parquet(run_dir / "generations.parquet")
@@ -149,6 +151,17 @@ def test_generations_decoded_before_a_crash_are_recovered(tmp_path, monkeypatch)
     assert len(merged) == 12
     assert (merged.output_tokens.map(list) == merged.output_tokens_ref.map(list)).all()
     assert merged.output_ppl.notna().all()
+    # The crashed sweep's window was recorded once, and every row holds its share of a window.
+    info = json.loads((run_dir / "run.json").read_text())
+    by_label = {}
+    for w in info["energy_windows"]:
+        by_label.setdefault(w["decoder_label"], []).append(w)
+    assert sorted(len(ws) for ws in by_label.values()) == [1, 1, 1]
+    assert gens.gpu_energy_j.notna().all()
+    for label, ws in by_label.items():
+        rows = gens[gens.decoder_label == label]
+        assert ws[0]["new_tokens"] == rows.new_tokens.sum()
+        assert rows.gpu_energy_j.sum() == pytest.approx(ws[0]["total_energy_j"] * rows.time_s.sum() / ws[0]["time_s"])
 
 
 def test_no_gpu_is_a_clear_error(monkeypatch):
