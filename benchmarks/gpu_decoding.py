@@ -44,9 +44,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from decoders import get_decoder, static
+from decoders.eagle import EagleHead
 from decoders.timing import PHASES
 from harness.energy import EnergyMeter
-from harness.models import load_models
+from harness.models import load_model, load_models
 from harness.profile_spec import PromptsSpec
 from harness.prompts import tokenize_prompts
 from harness.sysinfo import environment
@@ -59,7 +60,9 @@ PAIR = ("builtin:smollm2-135m-instruct", "builtin:smollm2-135m-draft")
 PAIRS = {"smollm2": PAIR, "qwen": ("builtin:qwen2.5-coder-1.5b-instruct", "builtin:qwen2.5-coder-0.5b-instruct")}
 SETTINGS = {"greedy": {"temperature": 0.0}, "t1": {"temperature": 1.0, "top_k": 10, "top_p": 0.9}}
 METHODS = {"sampling": {}, "specdecode": {"gamma": 4}, "mtad": {"gamma": 4, "beam_width": 4, "accept_thres": 0.5},
-           "prompt_lookup": {}}
+           "prompt_lookup": {}, "eagle": {"gamma": 4}}
+#: EAGLE heads by pair (a pair without one skips ``eagle``).
+HEADS = {"smollm2": "builtin:smollm2-135m-eagle"}
 LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
 
@@ -257,8 +260,12 @@ def bench_energy(args, pair, prompts) -> dict:
 
 
 def model_bytes(model) -> int:
-    """Bytes a decode step reads: every parameter once (a tied head is the embedding)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes a decode step reads: every parameter once (a tied head is the embedding;
+    an EAGLE head reads one row of the target's embeddings, not the table)."""
+    skip = set()
+    if isinstance(model, EagleHead):
+        skip = {id(p) for p in model.model.embed_tokens.parameters()}
+    return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in skip)
 
 
 def kv_bytes_per_position(model) -> int:
@@ -289,12 +296,14 @@ def bench_pace(args, name: str, bandwidth: float, meter, result: dict, save) -> 
     and calls ``save()`` after every row.
     """
     pair = load_models(*PAIRS[name], dtype="bfloat16", device="cuda")
+    head = load_model(HEADS[name], dtype="bfloat16", device="cuda", base=pair.target) if name in HEADS else None
     prompts = pace_prompts(pair, args)
     eos, n = pair.tokenizer.eos_token_id, args.new_tokens
-    t_bytes, d_bytes = model_bytes(pair.target), model_bytes(pair.draft)
-    t_kv, d_kv = kv_bytes_per_position(pair.target), kv_bytes_per_position(pair.draft)
+    t_bytes, t_kv = model_bytes(pair.target), kv_bytes_per_position(pair.target)
+    drafts_of = {"specdecode": pair.draft, "mtad": pair.draft, "eagle": head}
     result.update(pair=PAIRS[name], new_tokens=n, prompts={k: len(v) for k, v in prompts.items()},
-                  target_bytes=t_bytes, draft_bytes=d_bytes, bandwidth_Bps=bandwidth, rows=[])
+                  target_bytes=t_bytes, draft_bytes=model_bytes(pair.draft),
+                  eagle_head_bytes=model_bytes(head) if head is not None else None, bandwidth_Bps=bandwidth, rows=[])
     cfg = pair.draft.generation_config
     cfg.num_assistant_tokens, cfg.num_assistant_tokens_schedule, cfg.assistant_confidence_threshold = \
         4, "constant", 0.0
@@ -302,7 +311,10 @@ def bench_pace(args, name: str, bandwidth: float, meter, result: dict, save) -> 
         for method, params in METHODS.items():
             if method == "mtad" and setting == "greedy":
                 continue  # the joint test needs a distribution; greedy beams are one beam
-            draft = pair.draft if method in ("specdecode", "mtad") else None
+            draft = drafts_of.get(method)
+            if method in drafts_of and draft is None:
+                continue  # no EAGLE head for this pair
+            d_bytes, d_kv = (model_bytes(draft), kv_bytes_per_position(draft)) if draft is not None else (0, 0)
             dec = get_decoder(method, target=pair.target, draft=draft, **params, **filt)
             t0 = time.perf_counter()
             with torch.inference_mode():
@@ -357,6 +369,9 @@ def _pace_sweep(dec, prompts, n, eos, meter, window) -> dict:
             "ms_per_token": 1e3 * seconds / tokens, "tokens_per_call": tokens / calls,
             "j_per_token": joules / tokens if joules is not None else None,
             **{f"{k}_ms_per_token": 1e3 * v / tokens for k, v in phases.items()},
+            # A draft step against a target step (the cost ratio c of the speedup formula).
+            "draft_ms_per_call": 1e3 * phases["draft"] / drafts if drafts else None,
+            "verify_ms_per_call": 1e3 * phases["verify"] / calls,
             "target_calls": calls, "draft_calls": drafts, "mean_length": length / max(calls, 1)}
 
 

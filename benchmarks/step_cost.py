@@ -96,7 +96,7 @@ def kernels_per_forward(cache: static.StaticCachedModel, n: int) -> int:
     cache.crop(FILLED)
     cache._start.fill_(FILLED)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        cache._forward(tokens, n)
+        cache._forward((tokens,), n)
         torch.cuda.synchronize()
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 

@@ -57,9 +57,18 @@ class Proposer(abc.ABC):
 
     Attributes:
         forwards: draft-model forward calls so far (0 for model-free drafters).
+        reads_target_features: True for drafters that read the target's hidden
+            states: each verification forward then returns them too and hands
+            them to ``observe`` (no extra target forward).
     """
 
     forwards: int = 0
+    reads_target_features: bool = False
+
+    def observe(self, features: torch.Tensor, start: int) -> None:
+        """The target's final hidden states ``(n, hidden)`` at positions ``start .. start + n``
+        (called after each verification forward when ``reads_target_features``)."""
+        return None
 
     @abc.abstractmethod
     def propose(self, seq: torch.Tensor, budget: int, generator: torch.Generator) -> Proposal:
@@ -121,8 +130,14 @@ class AssistedDecoder(Decoder):
             g = proposal.size
             progress.timer.mark("draft")
             # 2. One target forward over the unseen tail plus the drafts: p_1 .. p_{g+1}.
-            tail = torch.cat([seq[target.length :], proposal.tokens])
-            p = target.probs(tail.view(1, -1), g + 1, filters)[0]
+            start = target.length
+            tail = torch.cat([seq[start:], proposal.tokens]).view(1, -1)
+            if proposer.reads_target_features:
+                p, features = target.probs(tail, g + 1, filters, hidden=True)
+                proposer.observe(features[0], start)
+            else:
+                p = target.probs(tail, g + 1, filters)
+            p = p[0]
             progress.timer.mark("verify")
             # 3. Accept a prefix and draw the token after it (a plain sampling step without drafts).
             if g:

@@ -29,7 +29,8 @@ from transformers import PreTrainedModel
 
 # Architectures whose decoder layer is exactly: RMSNorm, attention (rotary,
 # optional q/k/v bias), residual, RMSNorm, SiLU-gated MLP, residual.
-_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM",
+                  "EagleHead")  # decoders.eagle: Llama layers fed fused token and feature inputs
 # Rotary variants whose tables depend only on the position (not on the sequence
 # length seen so far, as "dynamic" and "longrope" do).
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn")
@@ -64,6 +65,8 @@ class _Weights:
                                 mlp.down_proj.weight, mlp.down_proj.bias))
         self.embed = inner.embed_tokens.weight
         self.norm = inner.norm.weight
+        # How a model that takes a second input per position (features) forms its layer input.
+        self.fuse = getattr(inner, "fuse_inputs", None)
         # The head as the model's own module: a draft's may be more than a Linear
         # (a head over a token subset that scatters to the full vocabulary).
         self.head = model.get_output_embeddings()
@@ -178,23 +181,29 @@ class FusedForward:
 
     @torch.no_grad()  # the model's parameters require grad; a decode step never does
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, keep: int,
-                 compiled: bool = False) -> torch.Tensor:
+                 compiled: bool = False, features: torch.Tensor | None = None, hidden: bool = False):
         """Logits ``(rows, keep, V)`` in the model's dtype for ``tokens`` ``(rows, n)`` at ``positions`` ``(n,)``.
 
         ``mask`` is the additive attention mask ``(n, max_length)`` over the cache.
         ``compiled`` runs each layer through ``compiled_layer()`` (decode shapes only:
-        every new shape compiles once).
+        every new shape compiles once). ``features`` ``(rows, n, hidden)`` go to a model
+        that takes them (``fuse_inputs``); ``hidden`` also returns the final normed
+        hidden states of all ``n`` positions, as ``(logits, states)``.
         """
         w = self.weights
         layer_fn = compiled_layer() if compiled else decoder_layer
         x = F.embedding(tokens, w.embed)
+        if features is not None:
+            x = w.fuse(x, features)
         cos, sin = self.cos[positions], self.sin[positions]  # (n, head_dim)
         mask = mask.float().repeat(self.heads // self.kv_heads, 1)
         for i, params in enumerate(w.layers):
             x = layer_fn(x, cos, sin, mask, self.keys[i], self.values[i], positions, *params,
                          heads=self.heads, kv_heads=self.kv_heads, eps=self.eps)
-        h = _rms_norm(x[:, -keep:], w.norm, self.eps)
-        return w.head(h)
+        if hidden:
+            states = _rms_norm(x, w.norm, self.eps)
+            return w.head(states[:, -keep:]), states
+        return w.head(_rms_norm(x[:, -keep:], w.norm, self.eps))
 
     def select(self, index: torch.Tensor) -> None:
         """Row ``r`` of the cache becomes row ``index[r]`` (in place: graphs read these tensors)."""

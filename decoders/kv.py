@@ -56,6 +56,22 @@ def check_same_vocabulary(target: PreTrainedModel, draft: PreTrainedModel, targe
             f"(the target has {t_vocab} tokens); a draft must share the target's tokenizer"
         )
 
+def model_outputs(model: PreTrainedModel, tokens: torch.Tensor, keep: int, features: torch.Tensor | None = None,
+                  hidden: bool = False, **kwargs):
+    """The last ``keep`` logits of ``model`` on ``tokens``, or ``(logits, hidden states)``.
+
+    Hidden states, or a ``features`` input, need the model's inner stack and its
+    head called apart (the causal-LM forward returns neither); ``kwargs`` go to
+    whichever runs (cache, mask, positions).
+    """
+    if features is None and not hidden:
+        return model(input_ids=tokens, logits_to_keep=keep, **kwargs).logits[:, -keep:]
+    extra = {} if features is None else {"features": features}
+    states = model.model(input_ids=tokens, **extra, **kwargs).last_hidden_state
+    logits = model.get_output_embeddings()(states[:, -keep:])
+    return (logits, states) if hidden else logits
+
+
 class CachedModel:
     """A causal LM with a reusable KV cache holding a prefix of the sequence.
 
@@ -75,29 +91,42 @@ class CachedModel:
         """Number of tokens currently held in the cache."""
         return self.cache.get_seq_length()
 
-    def __call__(self, tokens: torch.Tensor, keep: int | None = None) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, keep: int | None = None, features: torch.Tensor | None = None,
+                 hidden: bool = False):
         """Feed ``tokens`` of shape ``(batch, n)`` after the cached prefix.
 
         Args:
             tokens: LongTensor ``(batch, n)``; every row continues its cached row.
             keep: return logits for the last ``keep`` positions only (all if None);
                 skipping the head on a long prompt saves memory and time.
+            features: ``(batch, n, hidden)`` a second input per position, for models
+                whose forward takes ``features`` (a feature-level draft head).
+            hidden: also return the final (normed) hidden states of all ``n``
+                positions: the features a feature-level draft reads.
 
         Returns:
             float32 logits of shape ``(batch, keep or n, vocab)``, on the device of
             the model's input embeddings (a model split over GPUs computes its
-            head on the last one; decoders work where the inputs live).
+            head on the last one; decoders work where the inputs live); with
+            ``hidden``, the pair ``(logits, hidden states (batch, n, hidden))``.
         """
         n_keep = tokens.shape[1] if keep is None else keep
         kwargs = {self._cache_kwarg: self.cache}
-        out = self.model(input_ids=tokens, use_cache=True, logits_to_keep=n_keep, **kwargs)
+        out = model_outputs(self.model, tokens, n_keep, features, hidden, use_cache=True, **kwargs)
         self.forwards += 1
-        return out.logits[:, -n_keep:].to(self.device).float()
+        if hidden:
+            return out[0].to(self.device).float(), out[1].to(self.device)
+        return out.to(self.device).float()
 
-    def probs(self, tokens: torch.Tensor, keep: int, filters: tuple[float, int, float]) -> torch.Tensor:
+    def probs(self, tokens: torch.Tensor, keep: int, filters: tuple[float, int, float],
+              features: torch.Tensor | None = None, hidden: bool = False):
         """``probs.filtered_probs(self(tokens, keep), *filters)``: the filtered next-token
-        distributions ``(batch, keep, V)`` (the fast path computes them in its graph)."""
-        return filtered_probs(self(tokens, keep), *filters)
+        distributions ``(batch, keep, V)`` (the fast path computes them in its graph);
+        with ``hidden``, the pair ``(probs, hidden states)``."""
+        if hidden:
+            logits, states = self(tokens, keep, features, hidden=True)
+            return filtered_probs(logits, *filters), states
+        return filtered_probs(self(tokens, keep, features), *filters)
 
     def crop(self, length: int) -> None:
         """Drop cached positions from ``length`` on (rejected draft tokens)."""

