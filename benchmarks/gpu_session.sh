@@ -33,7 +33,7 @@ for s in $steps; do
       step "EAGLE head present: not trained again"
     else
       step "train the SmolLM2 EAGLE head"
-      $py scripts/train_eagle.py --out harness/assets/smollm2_eagle --work "$out/eagle-work" 2>&1 \
+      $py scripts/train_eagle.py --out harness/assets/smollm2_eagle --work "$out/eagle-work" ${EAGLE_ARGS:-} 2>&1 \
         | grep --line-buffered -v -i warn | tee "$out/train-eagle.log"
     fi ;;
   gpu-tests)

@@ -154,8 +154,9 @@ STEP_DECAY = 0.8
 
 
 def training_loss(target: PreTrainedModel, head: EagleHead, ids: torch.Tensor, positions: torch.Tensor, depth: int,
-                  feature_weight: float, subset: torch.Tensor | None) -> tuple[torch.Tensor, list[float]]:
-    """The loss of one batch and, per drafting step, the mean acceptance ``sum(min(p, q))``.
+                  feature_weight: float, subset: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss of one batch and, per drafting step, the mean acceptance ``sum(min(p, q))``
+    (a ``(depth,)`` tensor, left on the device: reading it every step would stall the GPU).
 
     Args:
         ids: ``(B, T)`` right-padded sequences.
@@ -170,7 +171,7 @@ def training_loss(target: PreTrainedModel, head: EagleHead, ids: torch.Tensor, p
     """
     width = ids.shape[1]
     with torch.no_grad():
-        features = target.model(input_ids=ids).last_hidden_state  # (B, T, hidden)
+        features = target.model(input_ids=ids, use_cache=False).last_hidden_state  # (B, T, hidden)
         flat = features.flatten(0, 1)
     # Head entry t (a (B, T - 1) grid) is judged by the target's distribution at t + 1.
     keep = positions % width >= 1
@@ -192,5 +193,5 @@ def training_loss(target: PreTrainedModel, head: EagleHead, ids: torch.Tensor, p
         ce = -(p[valid] * log_q).sum(-1).mean()
         reg = F.smooth_l1_loss(s.float(), true_next[valid].float())
         loss = loss + STEP_DECAY ** (d - 1) * (ce + feature_weight * reg)
-        alphas.append(float(torch.minimum(p[valid], log_q.detach().exp()).sum(-1).mean()))
-    return loss, alphas
+        alphas.append(torch.minimum(p[valid], log_q.detach().exp()).sum(-1).mean())
+    return loss, torch.stack(alphas)

@@ -77,7 +77,7 @@ def held_out_alpha(target, head, rows, depth, subset, batch=32):
         with torch.autocast(target.device.type, dtype=torch.bfloat16):
             _, alphas = training_loss(target, head, ids, positions, depth, 0.0, subset)
         n = positions.numel()
-        totals = [t + a * n for t, a in zip(totals, alphas, strict=True)]
+        totals = [t + a * n for t, a in zip(totals, alphas.tolist(), strict=True)]
         count += n
     alphas = [t / max(count, 1) for t in totals]
     # Expected accepted drafts of a chain of ``depth``: sum over k of prod_{j<=k} alpha_j.
@@ -116,6 +116,8 @@ def main():
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--max-len", type=int, default=320)
     ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--max-train-s", type=float, default=0,
+                    help="stop training after this many seconds (0: no limit); train.json records the steps run")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=float, default=0.05, help="share of the steps spent warming up")
     ap.add_argument("--seed", type=int, default=0)
@@ -190,7 +192,12 @@ def main():
     held_rows = data["held_sampled"]
     stream = batches(rows, args.batch, rng)
     t0 = time.time()
+    steps_run = 0
     for step in range(1, steps + 1):
+        if args.max_train_s and time.time() - t0 > args.max_train_s:
+            print(f"training time cap reached after {steps_run} steps", flush=True)
+            break
+        steps_run = step
         head.train()
         ids, positions = collate(rows, next(stream), args.max_len, device)
         with torch.autocast(device.type, dtype=torch.bfloat16):
@@ -200,7 +207,11 @@ def main():
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        if step in checks:
+        if step == 20:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            print(f"step 20: {(time.time() - t0) / 20:.3f} s per step", flush=True)
+        if step in checks or (args.max_train_s and time.time() - t0 > args.max_train_s):
             head.eval()
             score = held_out_alpha(target, head, held_rows, args.depth, subset)
             history.append({"step": step, "loss": loss.item(), **score})
@@ -225,7 +236,8 @@ def main():
         "command": "python scripts/train_eagle.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
         "prompts": data["prompts"], "train_replies": len(rows), "train_generated_tokens": n_tokens,
-        "held_out_prompts": len(data["held_prompts"]), "steps": steps, "kept_step": best["step"],
+        "held_out_prompts": len(data["held_prompts"]), "steps": steps, "steps_run": steps_run,
+        "kept_step": best["step"],
         "history": history, "head_token_coverage": coverage, "head_bytes": size,
         "data_generation_s": data["generation_s"], "train_s": train_s,
         "held_out_trained": best["score"],

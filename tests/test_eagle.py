@@ -179,7 +179,7 @@ def trained():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        alphas.append(alpha)
+        alphas.append(alpha.tolist())
     head.eval().requires_grad_(False)
     prompts = [torch.randint(0, vocab, (1, 4), generator=torch.Generator().manual_seed(100 + i)) for i in range(8)]
     return target, head, prompts, (alphas, untrained)
