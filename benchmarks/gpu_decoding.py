@@ -309,6 +309,8 @@ def bench_pace(args, name: str, bandwidth: float, meter, result: dict, save) -> 
         4, "constant", 0.0
     for setting, filt in SETTINGS.items():
         for method, params in METHODS.items():
+            if method not in args.methods.split(","):
+                continue
             if method == "mtad" and setting == "greedy":
                 continue  # the joint test needs a distribution; greedy beams are one beam
             draft = drafts_of.get(method)
@@ -454,6 +456,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sections", default="pace,anchor", help="any of pace, anchor, pair, energy")
     ap.add_argument("--pairs", default="smollm2,qwen", help="pace section: which pairs")
+    ap.add_argument("--methods", default=",".join(METHODS), help="pace section: which decoders")
     ap.add_argument("--anchor-prompts", type=int, default=3, help="pace section: prompts per kind for HF's loops")
     ap.add_argument("--no-energy", action="store_true", help="pace section: no Zeus windows")
     ap.add_argument("--new-tokens", type=int, default=128)

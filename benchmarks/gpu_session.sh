@@ -9,6 +9,7 @@
 #   train-eagle  train the SmolLM2 EAGLE head into harness/assets/smollm2_eagle (skipped when present)
 #   gpu-tests    the GPU tests of the fast path (pytest -m gpu)
 #   pace         every decoder at its defaults on the SmolLM2 pair (eagle included), greedy and T=1
+#   pace-eagle   the same for sampling, specdecode and eagle only
 #   pace-qwen    the same on the Qwen pair
 #   lm-eval      greedy specdecode on the Qwen pair, HumanEval's first 40 problems, through plain
 #                `lm_eval ... energy=True` and through `harness profile`, for a side-by-side check
@@ -43,6 +44,10 @@ for s in $steps; do
     step "every decoder at its defaults, SmolLM2 pair, greedy and T=1, chat and code prompts, HF anchors"
     $py benchmarks/gpu_decoding.py --sections pace --pairs smollm2 --prompts 6 --anchor-prompts 2 --new-tokens 128 \
       --out "$out/gpu-pace-smollm2.json" 2>&1 | grep --line-buffered -v -i warn ;;
+  pace-eagle)
+    step "sampling, specdecode and eagle on the SmolLM2 pair"
+    $py benchmarks/gpu_decoding.py --sections pace --pairs smollm2 --methods sampling,specdecode,eagle --prompts 6 \
+      --anchor-prompts 1 --new-tokens 128 --out "$out/gpu-pace-eagle.json" 2>&1 | grep --line-buffered -v -i warn ;;
   pace-qwen)
     step "every decoder at its defaults, Qwen pair"
     $py benchmarks/gpu_decoding.py --sections pace --pairs qwen --prompts 6 --anchor-prompts 2 --new-tokens 128 \
