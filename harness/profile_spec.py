@@ -79,6 +79,11 @@ class DecoderSpec:
     name: str
     label: str
     params: dict[str, Any] = field(default_factory=dict)
+    draft: str | None = None  # this decoder's own draft (an EAGLE head, say); else models.draft
+
+    def draft_spec(self, models: ModelsSpec) -> str | None:
+        """The draft this decoder runs with (None for methods without one)."""
+        return (self.draft or models.draft) if decoder_class(self.name).needs_draft else None
 
 
 @dataclass(frozen=True)
@@ -100,8 +105,15 @@ class Profile:
         for key in ("source", "scorer"):  # absent when unset: older profiles keep their fingerprints
             if data["prompts"][key] is None:
                 del data["prompts"][key]
-        data["decoders"] = [asdict(d) for d in self.decoders]
+        # A decoder's own draft appears only when set: older profiles keep their fingerprints.
+        data["decoders"] = [{k: v for k, v in asdict(d).items() if k != "draft" or v is not None}
+                            for d in self.decoders]
         return data
+
+    def draft_specs(self) -> list[str]:
+        """Every draft some decoder of the profile runs with, the profile's own first."""
+        specs = [d.draft_spec(self.models) for d in self.decoders]
+        return sorted({s for s in specs if s is not None}, key=lambda s: (s != self.models.draft, s))
 
     def fingerprint(self) -> str:
         """Short hash of everything that determines the run's rows."""
@@ -169,7 +181,7 @@ def _section(raw: dict, key: str, cls, problems: list[str]):
 
 def _decoders(raw: object, problems: list[str]) -> list[DecoderSpec]:
     if not isinstance(raw, list) or not raw:
-        problems.append("decoders: must be a non-empty list of {name, label?, params?}")
+        problems.append("decoders: must be a non-empty list of {name, label?, params?, draft?}")
         return []
     specs, labels = [], set()
     for i, entry in enumerate(raw):
@@ -179,8 +191,8 @@ def _decoders(raw: object, problems: list[str]) -> list[DecoderSpec]:
         if not isinstance(entry, dict):
             problems.append(f"{where}: must be a mapping with a name, got {entry!r}")
             continue
-        for key in sorted(set(entry) - {"name", "label", "params"}):
-            problems.append(f"{where}.{key}: unknown key (known: name, label, params)")
+        for key in sorted(set(entry) - {"name", "label", "params", "draft"}):
+            problems.append(f"{where}.{key}: unknown key (known: name, label, params, draft)")
         name, params = entry.get("name"), entry.get("params") or {}
         try:
             cls = decoder_class(name)
@@ -189,6 +201,13 @@ def _decoders(raw: object, problems: list[str]) -> list[DecoderSpec]:
             continue
         if not isinstance(params, dict):
             problems.append(f"{where}.params: must be a mapping, got {type(params).__name__}")
+            continue
+        draft = entry.get("draft")
+        if draft is not None and (not isinstance(draft, str) or not draft.strip()):
+            problems.append(f"{where}.draft: must be a model spec (a string), got {draft!r}")
+            continue
+        if draft is not None and not cls.needs_draft:
+            problems.append(f"{where}.draft: {name} takes no draft model; remove the key")
             continue
         known = decoder_params(name)
         bad = False
@@ -214,7 +233,7 @@ def _decoders(raw: object, problems: list[str]) -> list[DecoderSpec]:
         if label in labels:
             problems.append(f"{where}.label: {label!r} is used twice; give each setting its own label")
         labels.add(label)
-        specs.append(DecoderSpec(name=name, label=label, params=dict(params)))
+        specs.append(DecoderSpec(name=name, label=label, params=dict(params), draft=draft))
     return specs
 
 
@@ -242,13 +261,14 @@ def parse_profile(raw: object, source: str = "<profile>", base_dir: str = ".") -
             problems.append(f"models.dtype: must be one of {', '.join(_DTYPES)}, got {models['dtype']!r}")
         if isinstance(models.get("device"), str) and (problem := _device_problem(models["device"])):
             problems.append(problem)
-        needs_draft = [d.label for d in decoders if decoder_class(d.name).needs_draft]
+        # Decoders that need a draft and name none of their own take models.draft.
+        needs_draft = [d.label for d in decoders if decoder_class(d.name).needs_draft and d.draft is None]
         if needs_draft and not models.get("draft"):
             problems.append(f"models.draft: required by decoder(s) {', '.join(needs_draft)}")
         if decoders and not needs_draft and models.get("draft"):
             # A draft no decoder uses would be loaded for nothing and recorded on every row.
             warnings.append(f"models.draft ({models['draft']}) is not loaded: no decoder of this profile uses "
-                            f"a draft ({', '.join(d.label for d in decoders)}); remove it from the profile")
+                            f"it ({', '.join(d.label for d in decoders)}); remove it from the profile")
             models = {**models, "draft": None}
     if prompts is not None:
         if sum(bool(prompts.get(k)) for k in ("items", "file", "source")) != 1:

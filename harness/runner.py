@@ -24,12 +24,13 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from decoders import Decoder, GenerationOutput, StepRecord, decoder_class, get_decoder
+from decoders import Decoder, GenerationOutput, StepRecord, get_decoder
+from decoders.kv import check_same_vocabulary
 from decoders.timing import PHASES
 from harness import scorers, trace
 from harness.distributed import Ranks, init_ranks, shutdown
 from harness.energy import EnergyMeter, gpu_indices_for, measured
-from harness.models import LoadedModels, load_models, resolve_device, resolve_specs
+from harness.models import LoadedModels, load_model, load_models, resolve_device, resolve_specs
 from harness.profile_spec import DecoderSpec, Profile
 from harness.prompts import Prompt, check_context_length, stop_check, tokenize_prompts
 from harness.quality import output_perplexity
@@ -199,7 +200,7 @@ def run_profile(
         confirm_run_unsafe_code: allow a ``prompts.scorer`` that runs model-written code.
     """
     scorers.require_confirmation(profile, confirm_run_unsafe_code)  # before anything loads
-    resolve_specs(profile.models.target, profile.models.draft)  # before the process group starts
+    resolve_specs(profile.models.target, *profile.draft_specs())  # before the process group starts
     ranks = init_ranks()
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(profile)
     previous = prepare_run_dir(profile, run_dir, resume)
@@ -209,10 +210,11 @@ def run_profile(
         meter = EnergyMeter(gpu_indices_for([resolve_device(device)]))
     models = load_models(profile.models.target, profile.models.draft, dtype=profile.models.dtype, device=device,
                          device_map=profile.models.device_map)
+    drafts = _decoder_drafts(profile, models)
     if energy and meter is not None and profile.models.device_map:
         meter = EnergyMeter(gpu_indices_for(models.devices))  # every GPU the split target uses
     prompts = tokenize_prompts(profile.prompts, profile.base_dir, models.tokenizer)
-    check_context_length(prompts, profile.generation.max_new_tokens, models.by_spec())
+    check_context_length(prompts, profile.generation.max_new_tokens, {**models.by_spec(), **drafts})
     run_dir.mkdir(parents=True, exist_ok=True)
     if ranks.is_main:
         if previous is not None:
@@ -252,8 +254,10 @@ def run_profile(
             tag = f"-r{ranks.rank}" if ranks.distributed else ""
             earlier = {s for s in done_table.sweep[done_table.decoder_label == spec.label] if tag in s}
             sweep = f"{k:02d}-{spec.label}{tag}-a{len(earlier)}"
-            _run_sweep(spec, todo, sweep, models, prompts, gen, eos, should_stop, ctx, run_dir, meter, record, bar,
-                       task)
+            draft_spec = spec.draft_spec(profile.models)
+            sweep_ctx = {**ctx, "draft_model": draft_spec} if spec.draft else ctx
+            _run_sweep(spec, todo, sweep, models, drafts.get(draft_spec), prompts, gen, eos, should_stop, sweep_ctx,
+                       run_dir, meter, record, bar, task)
     ranks.barrier()  # every rank's rows are on disk
     if ranks.is_main:
         _merge_rank_records(run_dir, record, ranks)
@@ -263,7 +267,21 @@ def run_profile(
     return run_dir
 
 
-def _run_sweep(spec, todo, sweep, models, prompts, gen, eos, should_stop, ctx, run_dir, meter, record, bar,
+def _decoder_drafts(profile: Profile, models) -> dict:
+    """Spec -> loaded draft for every draft a decoder of ``profile`` runs with.
+
+    Drafts a decoder names itself (``decoders[i].draft``) load beside the
+    profile's, on the device of the target's inputs (an EAGLE head on the target itself).
+    """
+    drafts = {profile.models.draft: models.draft} if models.draft is not None else {}
+    for spec in profile.draft_specs():
+        if spec not in drafts:
+            drafts[spec] = load_model(spec, dtype=profile.models.dtype, device=str(models.device), base=models.target)
+            check_same_vocabulary(models.target, drafts[spec], f"target {profile.models.target!r}", f"draft {spec!r}")
+    return drafts
+
+
+def _run_sweep(spec, todo, sweep, models, draft, prompts, gen, eos, should_stop, ctx, run_dir, meter, record, bar,
                task) -> None:
     """One decoder setting over its (prompt, repeat) cells, inside one energy window.
 
@@ -271,7 +289,6 @@ def _run_sweep(spec, todo, sweep, models, prompts, gen, eos, should_stop, ctx, r
     (``trace.Journal``), and its perplexity, text and table rows are made after
     the window closes, so the window's joules are the decoder's own.
     """
-    draft = models.draft if decoder_class(spec.name).needs_draft else None
     decoder = get_decoder(spec.name, target=models.target, draft=draft, cuda_graphs=gen.cuda_graphs,
                           compile_model=gen.compile_model, **spec.params)
     bar.update(task, description=spec.label)

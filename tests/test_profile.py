@@ -221,3 +221,51 @@ def test_execution_settings_must_be_booleans():
     problems = "\n".join(info.value.problems)
     assert "generation.cuda_graphs: must be bool" in problems
     assert "generation.compile_model: must be bool" in problems
+
+
+def test_a_decoder_can_bring_its_own_draft(tmp_path, tiny_dirs):
+    """eagle runs with its own head beside specdecode with the profile's draft, in one run."""
+    from decoders.eagle import EagleHead
+    from harness.eagle_head import save_eagle_head
+    from harness.models import load_model
+
+    target_dir, draft_dir = tiny_dirs
+    head_dir = tmp_path / "head"
+    save_eagle_head(head_dir, EagleHead.for_target(load_model(str(target_dir), dtype="float32", device="cpu")),
+                    "the tiny target")
+    raw = {
+        "name": "own-draft",
+        "models": {"target": str(target_dir), "draft": str(draft_dir), "dtype": "float32", "device": "cpu"},
+        "prompts": {"items": ["Once upon a time", "The quick brown fox"], "chat_template": False},
+        "generation": {"max_new_tokens": 12, "repeats": 1, "warmup": 0, "seed": 0},
+        "decoders": [{"name": "specdecode", "params": {"gamma": 2}},
+                     {"name": "eagle", "draft": str(head_dir), "params": {"gamma": 3, "temperature": 0.0}},
+                     {"name": "sampling", "params": {"temperature": 0.0}}],
+    }
+    profile = parse_profile(raw, "own-draft.yaml")
+    assert profile.draft_specs() == [str(draft_dir), str(head_dir)]
+    run_dir = run_profile(profile, tmp_path / "run", show_progress=False)
+    table = trace.read_table(run_dir)
+    drafts = table.groupby("decoder_label")["draft_model"].first().to_dict()
+    assert drafts["eagle"] == str(head_dir) and drafts["specdecode"] == str(draft_dir)
+    greedy = table.set_index(["decoder_label", "prompt_id"])["output_tokens"]
+    for pid in table.prompt_id.unique():  # eagle at T=0 is greedy sampling
+        assert list(greedy["eagle", pid]) == list(greedy["sampling", pid])
+    recorded = json.loads((run_dir / "run.json").read_text())["profile"]["decoders"]
+    assert recorded[1]["draft"] == str(head_dir) and "draft" not in recorded[0]
+
+
+def test_own_draft_validation():
+    base = yaml.safe_load(SMOKE.read_text())
+    raw = {**base, "decoders": [{"name": "sampling", "draft": "builtin:tiny-random-draft"},
+                                {"name": "eagle", "draft": 3}]}
+    with pytest.raises(ProfileError) as info:
+        parse_profile(raw, "x.yaml")
+    problems = "\n".join(info.value.problems)
+    assert "decoders[0].draft: sampling takes no draft model" in problems
+    assert "decoders[1].draft: must be a model spec" in problems
+    no_draft = {**base, "models": {**base["models"], "draft": None}, "decoders": [{"name": "eagle"}]}
+    with pytest.raises(ProfileError, match=r"models.draft: required by decoder\(s\) eagle"):
+        parse_profile(no_draft, "y.yaml")
+    own = {**base, "models": {**base["models"], "draft": None}, "decoders": [{"name": "eagle", "draft": "h"}]}
+    assert parse_profile(own, "z.yaml").draft_specs() == ["h"]
