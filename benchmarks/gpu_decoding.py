@@ -296,7 +296,8 @@ def bench_pace(args, name: str, bandwidth: float, meter, result: dict, save) -> 
     and calls ``save()`` after every row.
     """
     pair = load_models(*PAIRS[name], dtype="bfloat16", device="cuda")
-    head = load_model(HEADS[name], dtype="bfloat16", device="cuda", base=pair.target) if name in HEADS else None
+    wants_head = name in HEADS and "eagle" in args.methods.split(",")
+    head = load_model(HEADS[name], dtype="bfloat16", device="cuda", base=pair.target) if wants_head else None
     prompts = pace_prompts(pair, args)
     eos, n = pair.tokenizer.eos_token_id, args.new_tokens
     t_bytes, t_kv = model_bytes(pair.target), kv_bytes_per_position(pair.target)
@@ -466,6 +467,9 @@ def main() -> None:
     ap.add_argument("--energy-rounds", type=int, default=2, help="alternating rounds of the energy windows")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    unknown = set(args.methods.split(",")) - set(METHODS)
+    if unknown:
+        ap.error(f"--methods: unknown {', '.join(sorted(unknown))} (known: {', '.join(METHODS)})")
     if not torch.cuda.is_available():
         sys.exit("this benchmark needs a CUDA GPU")
     sections = set(args.sections.split(","))

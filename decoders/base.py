@@ -77,8 +77,8 @@ class _Progress:
     max_new_tokens: int
     eos_ids: frozenset[int]
     on_step: StepCallback | None
-    should_stop: StopCheck | None = None
-    timer: PhaseTimer | None = None
+    should_stop: StopCheck | None
+    timer: PhaseTimer
     tokens: list[int] = field(default_factory=list)
     steps: list[StepRecord] = field(default_factory=list)
     finished: bool = False
@@ -105,8 +105,7 @@ class _Progress:
         self.steps.append(record)
         if self.on_step is not None:
             self.on_step(record)
-        if self.timer is not None:
-            self.timer.mark("other")
+        self.timer.mark("other")
         return len(kept)
 
 
@@ -156,6 +155,9 @@ class Decoder(abc.ABC):
     name: ClassVar[str] = ""
     Params: ClassVar[type[FilterParams]] = FilterParams
     needs_draft: ClassVar[bool] = False
+    # Whether the draft may be a feature-level head (``decoders.eagle.EagleHead``), whose
+    # forward needs the target's hidden states: only methods that hand them over.
+    drafts_from_features: ClassVar[bool] = False
     cuda_graphs: bool = True
     static_cache: bool = False
     compile_model: bool | None = None
@@ -192,6 +194,9 @@ class Decoder(abc.ABC):
         self.check_draft(draft is not None)
         if draft is not None:
             kv.check_same_vocabulary(target, draft)
+            if getattr(draft, "reads_target_features", False) and not self.drafts_from_features:
+                raise ValueError(f"the draft is an EAGLE head, which drafts from the target's hidden states: "
+                                 f"it works with decoder 'eagle', not {self.name!r}; give {self.name!r} a draft model")
         self.target = target
         self.draft = draft
 

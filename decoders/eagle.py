@@ -37,9 +37,9 @@ from decoders.specdecode import exact_verify
 
 # Numbers of the target's weights a head records, to refuse other targets.
 _PROBE_ROWS, _PROBE_DIMS = 16, 8
-# Relative L2 distance under which a target counts as the one trained for: loading
-# in another dtype moves the probe by ~1e-3, another model moves it by far more.
-_PROBE_TOLERANCE = 2e-2
+# Relative L2 distance (of the embedding part and of the norm part, each) under which a
+# target counts as the one trained for: loading in bfloat16 moves either by ~2e-3.
+_PROBE_TOLERANCE = 1e-2
 
 
 def head_config(target: PreTrainedModel, layers: int = 1) -> LlamaConfig:
@@ -60,7 +60,7 @@ def head_config(target: PreTrainedModel, layers: int = 1) -> LlamaConfig:
 
 
 def target_probe(target: PreTrainedModel) -> torch.Tensor:
-    """A few numbers of ``target``'s embeddings and final norm (float32, on the CPU)."""
+    """A few numbers of ``target``'s embeddings, then as many of its final norm (float32, on the CPU)."""
     embed = target.get_input_embeddings().weight
     rows = torch.linspace(0, embed.shape[0] - 1, _PROBE_ROWS).long().to(embed.device)
     norm = target.model.norm.weight
@@ -82,6 +82,8 @@ class EagleModel(LlamaModel):
                 inputs_embeds: torch.Tensor | None = None, **kwargs):
         if features is not None:
             inputs_embeds, input_ids = self.fuse_inputs(self.embed_tokens(input_ids), features), None
+        elif input_ids is not None:  # the layer was trained on fused inputs, never on bare embeddings
+            raise ValueError("an EAGLE head needs the target's features with its tokens (features=...)")
         return super().forward(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
 
 
@@ -98,11 +100,15 @@ class EagleHead(LlamaForCausalLM):
         target_name: how that target was named when the head was trained.
     """
 
+    #: Its forward needs the target's features: other decoders refuse it (``Decoder.drafts_from_features``).
+    reads_target_features = True
+
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__(config)
         self.model = EagleModel(config)
         self.target_probe: torch.Tensor | None = None
         self.target_name = "its target"
+        self.target_layers: int | None = None  # the layer count of the target it was trained for
         self._accepted_targets: weakref.WeakSet = weakref.WeakSet()
 
     @classmethod
@@ -120,6 +126,7 @@ class EagleHead(LlamaForCausalLM):
             module.to_empty(device=device).to(dtype)
         head.model.rotary_emb = type(head.model.rotary_emb)(config).to(device)  # buffers stay float32
         head.target_probe = target_probe(target)
+        head.target_layers = target.config.get_text_config(decoder=True).num_hidden_layers
         return head.eval()
 
     @classmethod
@@ -151,16 +158,21 @@ class EagleHead(LlamaForCausalLM):
         if target in self._accepted_targets:
             return
         t = target.config.get_text_config(decoder=True)
-        shape = (t.hidden_size, t.num_attention_heads, t.num_key_value_heads, t.vocab_size)
-        mine = (self.config.hidden_size, self.config.num_attention_heads, self.config.num_key_value_heads,
-                self.config.vocab_size)
+        # A model distilled from the target can share its embeddings and most of its
+        # norm: the layer count tells those apart.
+        shape = (t.hidden_size, t.intermediate_size, t.num_attention_heads, t.num_key_value_heads, t.vocab_size,
+                 t.num_hidden_layers if self.target_layers is not None else None)
+        mine = (self.config.hidden_size, self.config.intermediate_size, self.config.num_attention_heads,
+                self.config.num_key_value_heads, self.config.vocab_size, self.target_layers)
         why = None
         if shape != mine:
-            why = f"(hidden, heads, kv heads, vocabulary) {shape} against the head's {mine}"
+            why = f"(hidden, MLP width, heads, kv heads, vocabulary, layers) {shape} against {mine}"
         elif self.target_probe is not None:
             # On the host, in numpy: a one-off check that adds no operator to a decode's trace.
             probe, trained = target_probe(target).numpy(), self.target_probe.numpy()
-            distance = float(np.linalg.norm(probe - trained) / max(float(np.linalg.norm(trained)), 1e-12))
+            half = trained.shape[0] // 2  # embeddings, then the norm: each judged on its own scale
+            distance = max(float(np.linalg.norm(a - b) / max(float(np.linalg.norm(b)), 1e-12))
+                           for a, b in ((probe[:half], trained[:half]), (probe[half:], trained[half:])))
             if distance > _PROBE_TOLERANCE:
                 why = f"its weights differ (relative distance {distance:.3f} of a probe of its embeddings and norm)"
         if why is not None:
@@ -227,6 +239,7 @@ class EagleDecoder(AssistedDecoder):
 
     name = "eagle"
     needs_draft = True
+    drafts_from_features = True
 
     def __init__(self, target: PreTrainedModel, draft: PreTrainedModel | None = None, **params: object) -> None:
         super().__init__(target, draft, **params)

@@ -195,6 +195,8 @@ class FusedForward:
         x = F.embedding(tokens, w.embed)
         if features is not None:
             x = w.fuse(x, features)
+        elif w.fuse is not None:
+            raise ValueError("this model fuses features with its tokens: pass features=...")
         cos, sin = self.cos[positions], self.sin[positions]  # (n, head_dim)
         mask = mask.float().repeat(self.heads // self.kv_heads, 1)
         for i, params in enumerate(w.layers):

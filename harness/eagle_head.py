@@ -59,7 +59,8 @@ def save_eagle_head(folder: str | Path, head: EagleHead, target_name: str, extra
     config = head.config.to_dict()
     config.update(dtype="bfloat16")
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    meta = {"format": FORMAT, "target": target_name, "layers": head.config.num_hidden_layers,
+    meta = {"format": FORMAT, "target": target_name, "target_layers": head.target_layers,
+            "layers": head.config.num_hidden_layers,
             "head_tokens": int(head.lm_head.index.numel()) if subset else None, **(extra or {})}
     (folder / "eagle.json").write_text(json.dumps(meta, indent=2) + "\n")
     return (folder / "head.safetensors").stat().st_size
@@ -85,6 +86,7 @@ def load_eagle_head(folder: str | Path, target: PreTrainedModel) -> EagleHead:
     head_tokens = stored.pop("head_tokens", None)
     head = EagleHead.build(target, config)
     head.target_probe, head.target_name = probe, meta.get("target") or "another target"
+    head.target_layers = meta.get("target_layers")
     head.check_target(target)  # before anything else can fail on a shape
     device, dtype = target.get_input_embeddings().weight.device, target.get_input_embeddings().weight.dtype
     for prefix, module in zip(("layers", "norm", "fc"), head.own_modules(), strict=True):

@@ -216,12 +216,12 @@ class DecodingLM(HFLM):
         if jobs and not self._warmed and (self.meter is not None or writer is not None):
             # Compiling and capturing the decode steps happens once, outside every
             # window and trace (as harness profile's warm-up does).
-            prompt, decoder, max_gen, until, _ = jobs[0]
+            prompt, decoder, max_gen, until = jobs[0]
             timed_generate(decoder, prompt, max_gen, 0, eos, device, stop_check(self.tokenizer, until))
             self._warmed = True
         # The window holds decoding only; perplexity and trace rows come after it.
         with measured(self.meter, sweep) as window:
-            for (prompt, decoder, max_gen, until, _), request in zip(
+            for (prompt, decoder, max_gen, until), request in zip(
                     tqdm(jobs, disable=disable_tqdm or self.rank != 0, desc=f"{self.decoder_name} generate_until"),
                     requests, strict=True):
                 seed = generation_seed(self.seed, hashlib.sha256(prompt.text.encode()).hexdigest(), 0)
@@ -249,7 +249,7 @@ class DecodingLM(HFLM):
         return results
 
     def _job(self, index: int, request, eos_text: str):
-        """``(prompt, decoder, max_gen, until, gen_kwargs)`` of one ``generate_until`` request."""
+        """``(prompt, decoder, max_gen, until)`` of one ``generate_until`` request."""
         context, gen_kwargs = request.args
         kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
         until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
@@ -258,8 +258,7 @@ class DecodingLM(HFLM):
         task = getattr(request, "task_name", None)
         doc = getattr(request, "doc_id", None)
         pid = f"{task}/{doc}" if task is not None else f"req{index:05d}"
-        return Prompt(pid, context, torch.tensor([ids], dtype=torch.long)), self._decoder(kwargs), max_gen, until, \
-            gen_kwargs
+        return Prompt(pid, context, torch.tensor([ids], dtype=torch.long)), self._decoder(kwargs), max_gen, until
 
     # -- traces --------------------------------------------------------------
 

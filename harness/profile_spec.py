@@ -206,6 +206,7 @@ def _decoders(raw: object, problems: list[str]) -> list[DecoderSpec]:
         if draft is not None and (not isinstance(draft, str) or not draft.strip()):
             problems.append(f"{where}.draft: must be a model spec (a string), got {draft!r}")
             continue
+        draft = draft.strip() if draft is not None else None
         if draft is not None and not cls.needs_draft:
             problems.append(f"{where}.draft: {name} takes no draft model; remove the key")
             continue

@@ -29,8 +29,17 @@ from decoders.kv import check_same_vocabulary
 from decoders.timing import PHASES
 from harness import scorers, trace
 from harness.distributed import Ranks, init_ranks, shutdown
+from harness.eagle_head import is_eagle_head
 from harness.energy import EnergyMeter, gpu_indices_for, measured
-from harness.models import LoadedModels, load_model, load_models, resolve_device, resolve_specs
+from harness.models import (
+    COMPOSED_DRAFTS,
+    LoadedModels,
+    load_model,
+    load_models,
+    resolve_device,
+    resolve_spec,
+    resolve_specs,
+)
 from harness.profile_spec import DecoderSpec, Profile
 from harness.prompts import Prompt, check_context_length, stop_check, tokenize_prompts
 from harness.quality import output_perplexity
@@ -274,10 +283,23 @@ def _decoder_drafts(profile: Profile, models) -> dict:
     profile's, on the device of the target's inputs (an EAGLE head on the target itself).
     """
     drafts = {profile.models.draft: models.draft} if models.draft is not None else {}
+    target_spec = profile.models.target
     for spec in profile.draft_specs():
-        if spec not in drafts:
-            drafts[spec] = load_model(spec, dtype=profile.models.dtype, device=str(models.device), base=models.target)
-            check_same_vocabulary(models.target, drafts[spec], f"target {profile.models.target!r}", f"draft {spec!r}")
+        if spec in drafts:
+            continue
+        if spec == target_spec:
+            drafts[spec] = models.target  # the target drafting for itself: not loaded twice
+            continue
+        # Built on the loaded target only where load_models would be (a composed draft of
+        # this very target, or an EAGLE head, which checks that it was trained for it).
+        shares = COMPOSED_DRAFTS.get(spec) == target_spec or is_eagle_head(resolve_spec(spec).folder)
+        drafts[spec] = load_model(spec, dtype=profile.models.dtype, device=str(models.device),
+                                  base=models.target if shares else None)
+        check_same_vocabulary(models.target, drafts[spec], f"target {target_spec!r}", f"draft {spec!r}")
+    # Every decoder against its draft now, before any sweep runs (an eagle without a head,
+    # a head given to specdecode, a head for another target).
+    for d in profile.decoders:
+        get_decoder(d.name, target=models.target, draft=drafts.get(d.draft_spec(profile.models)), **d.params)
     return drafts
 
 

@@ -183,6 +183,12 @@ def with_energy(row: dict[str, Any], joules: float | None) -> dict[str, Any]:
     return row
 
 
+def _last_byte(path: Path) -> bytes:
+    with path.open("rb") as f:
+        f.seek(-1, 2)
+        return f.read(1)
+
+
 class Journal:
     """Generations decoded but not yet scored and written, one JSON line each.
 
@@ -200,7 +206,7 @@ class Journal:
     def append(self, entry: dict[str, Any]) -> None:
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            torn = self.path.exists() and self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n")
+            torn = self.path.exists() and self.path.stat().st_size and _last_byte(self.path) != b"\n"
             self._file = self.path.open("a", encoding="utf-8")
             if torn:  # a crash mid-line: end that line, so this entry stays readable
                 self._file.write("\n")

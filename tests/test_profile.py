@@ -269,3 +269,17 @@ def test_own_draft_validation():
         parse_profile(no_draft, "y.yaml")
     own = {**base, "models": {**base["models"], "draft": None}, "decoders": [{"name": "eagle", "draft": "h"}]}
     assert parse_profile(own, "z.yaml").draft_specs() == ["h"]
+
+
+def test_a_wrong_draft_for_a_decoder_stops_before_any_sweep(tmp_path, tiny_dirs):
+    target_dir, draft_dir = tiny_dirs
+    raw = {
+        "name": "wrong-draft",
+        "models": {"target": str(target_dir), "draft": str(draft_dir), "dtype": "float32", "device": "cpu"},
+        "prompts": {"items": ["Once upon a time"], "chat_template": False},
+        "generation": {"max_new_tokens": 4, "repeats": 1, "warmup": 0, "seed": 0},
+        "decoders": [{"name": "sampling"}, {"name": "eagle"}],  # eagle would take the plain draft model
+    }
+    with pytest.raises(ValueError, match="needs an EAGLE head"):
+        run_profile(parse_profile(raw, "wrong-draft.yaml"), tmp_path / "run", show_progress=False)
+    assert not (tmp_path / "run" / "generations.parquet").exists()  # sampling did not run first
