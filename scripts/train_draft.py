@@ -326,13 +326,19 @@ def judge(target, draft, greedy_rows, sampled_rows, batch=32):
 
 
 @torch.inference_mode()
+def decoded_steps(dec, tok, prompts, new_tokens):
+    """The step records of ``dec`` decoding each of ``prompts`` (chat template; seed = index)."""
+    steps = []
+    for i, text in enumerate(prompts):
+        ids = tok(chat(tok, text), return_tensors="pt", add_special_tokens=False).input_ids.to(dec.target.device)
+        steps += dec.generate(ids, new_tokens, torch.Generator().manual_seed(i), tok.eos_token_id).steps
+    return steps
+
+
 def specdecode_acceptance(target, draft, tok, prompts, new_tokens=64):
     """Mean accepted draft tokens per target call, gamma 4, T=1 (the project's decoder)."""
     dec = get_decoder("specdecode", target=target, draft=draft, gamma=4, temperature=1.0, top_k=0, top_p=1.0)
-    steps = []
-    for i, text in enumerate(prompts):
-        ids = tok(chat(tok, text), return_tensors="pt", add_special_tokens=False).input_ids.to(target.device)
-        steps += dec.generate(ids, new_tokens, torch.Generator().manual_seed(i), tok.eos_token_id).steps
+    steps = decoded_steps(dec, tok, prompts, new_tokens)
     return sum(s.accepted for s in steps) / len(steps)
 
 

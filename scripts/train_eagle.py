@@ -52,6 +52,7 @@ from train_draft import (  # noqa: E402  (the data recipe is the distilled draft
     batches,
     chat,
     collate,
+    decoded_steps,
     generate,
     normalise,
     profile_prompts,
@@ -101,14 +102,9 @@ def held_out_alpha(target, head, rows, depth, subset, batch=32):
     return {"alpha_by_step": alphas, "expected_accepted": expected}
 
 
-@torch.inference_mode()
 def tokens_per_call(target, head, tok, prompts, new_tokens=128, **filters):
     """Mean tokens committed per target call by the project's ``eagle`` decoder (gamma 4)."""
-    dec = get_decoder("eagle", target=target, draft=head, gamma=4, **filters)
-    steps = []
-    for i, text in enumerate(prompts):
-        ids = tok(chat(tok, text), return_tensors="pt", add_special_tokens=False).input_ids.to(target.device)
-        steps += dec.generate(ids, new_tokens, torch.Generator().manual_seed(i), tok.eos_token_id).steps
+    steps = decoded_steps(get_decoder("eagle", target=target, draft=head, gamma=4, **filters), tok, prompts, new_tokens)
     return sum(s.committed for s in steps) / len(steps)
 
 
