@@ -56,6 +56,7 @@ def check_same_vocabulary(target: PreTrainedModel, draft: PreTrainedModel, targe
             f"(the target has {t_vocab} tokens); a draft must share the target's tokenizer"
         )
 
+
 def model_outputs(model: PreTrainedModel, tokens: torch.Tensor, keep: int, features: torch.Tensor | None = None,
                   hidden: bool = False, **kwargs):
     """The last ``keep`` logits of ``model`` on ``tokens``, or ``(logits, hidden states)``.

@@ -280,6 +280,19 @@ def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
     return _from_pretrained(AutoTokenizer, spec, resolve_spec(spec))
 
 
+def load_draft(spec: str, target_spec: str, target: PreTrainedModel, *, dtype: str = "auto",
+               device: str = "auto") -> PreTrainedModel:
+    """Load draft ``spec`` for the loaded ``target`` (named ``target_spec``) and check its vocabulary.
+
+    A composed draft of this very target, and an EAGLE head (which checks that it
+    was trained for it), are built on ``target`` itself rather than on a second copy.
+    """
+    shares = COMPOSED_DRAFTS.get(spec) == target_spec or is_eagle_head(resolve_spec(spec).folder)
+    draft = load_model(spec, dtype=dtype, device=device, base=target if shares else None)
+    check_same_vocabulary(target, draft, f"target {target_spec!r}", f"draft {spec!r}")
+    return draft
+
+
 def load_models(
     target: str, draft: str | None = None, *, dtype: str = "auto", device: str = "auto", tokenizer: str | None = None,
     device_map: str | None = None,
@@ -301,11 +314,6 @@ def load_models(
     if device_map is not None:  # the draft lives with the target's inputs
         dev = target_model.get_input_embeddings().weight.device
         device = str(dev)
-    base = None
-    if draft is not None and (COMPOSED_DRAFTS.get(draft) == target or is_eagle_head(resolve_spec(draft).folder)):
-        base = target_model  # an EAGLE head checks that it was trained for this target
-    draft_model = load_model(draft, dtype=dtype, device=device, base=base) if draft is not None else None
-    if draft_model is not None:
-        check_same_vocabulary(target_model, draft_model, f"target {target!r}", f"draft {draft!r}")
+    draft_model = load_draft(draft, target, target_model, dtype=dtype, device=device) if draft is not None else None
     tok = load_tokenizer(tokenizer or target)
     return LoadedModels(target_model, draft_model, tok, target, draft, resolved_dtype, dev)

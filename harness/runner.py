@@ -25,21 +25,11 @@ from rich.progress import (
 )
 
 from decoders import Decoder, GenerationOutput, StepRecord, get_decoder
-from decoders.kv import check_same_vocabulary
 from decoders.timing import PHASES
 from harness import scorers, trace
 from harness.distributed import Ranks, init_ranks, shutdown
-from harness.eagle_head import is_eagle_head
 from harness.energy import EnergyMeter, gpu_indices_for, measured
-from harness.models import (
-    COMPOSED_DRAFTS,
-    LoadedModels,
-    load_model,
-    load_models,
-    resolve_device,
-    resolve_spec,
-    resolve_specs,
-)
+from harness.models import LoadedModels, load_draft, load_models, resolve_device, resolve_specs
 from harness.profile_spec import DecoderSpec, Profile
 from harness.prompts import Prompt, check_context_length, stop_check, tokenize_prompts
 from harness.quality import output_perplexity
@@ -290,12 +280,8 @@ def _decoder_drafts(profile: Profile, models) -> dict:
         if spec == target_spec:
             drafts[spec] = models.target  # the target drafting for itself: not loaded twice
             continue
-        # Built on the loaded target only where load_models would be (a composed draft of
-        # this very target, or an EAGLE head, which checks that it was trained for it).
-        shares = COMPOSED_DRAFTS.get(spec) == target_spec or is_eagle_head(resolve_spec(spec).folder)
-        drafts[spec] = load_model(spec, dtype=profile.models.dtype, device=str(models.device),
-                                  base=models.target if shares else None)
-        check_same_vocabulary(models.target, drafts[spec], f"target {target_spec!r}", f"draft {spec!r}")
+        drafts[spec] = load_draft(spec, target_spec, models.target, dtype=profile.models.dtype,
+                                  device=str(models.device))
     # Every decoder against its draft now, before any sweep runs (an eagle without a head,
     # a head given to specdecode, a head for another target).
     for d in profile.decoders:
