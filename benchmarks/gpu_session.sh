@@ -11,6 +11,8 @@
 #   pace         every decoder at its defaults on the SmolLM2 pair (eagle included), greedy and T=1
 #   pace-eagle   the same for sampling, specdecode and eagle only
 #   pace-qwen    the same on the Qwen pair
+#   lm-eval-target  greedy sampling on the Qwen 1.5B alone (no draft needed: a shorter carry), HumanEval's
+#                first 40 problems, through `lm_eval ... energy=True` and through `harness profile`
 #   lm-eval      greedy specdecode on the Qwen pair, HumanEval's first 40 problems, through plain
 #                `lm_eval ... energy=True` and through `harness profile`, for a side-by-side check
 #
@@ -52,11 +54,22 @@ for s in $steps; do
     step "every decoder at its defaults, Qwen pair"
     $py benchmarks/gpu_decoding.py --sections pace --pairs qwen --prompts 6 --anchor-prompts 2 --new-tokens 128 \
       --out "$out/gpu-pace-qwen.json" 2>&1 | grep --line-buffered -v -i warn ;;
+  lm-eval-target)
+    step "lm_eval cross-check: greedy sampling on the Qwen 1.5B, HumanEval's first 40 problems, energy"
+    lm_eval --model sampling \
+      --model_args "pretrained=builtin:qwen2.5-coder-1.5b-instruct,dtype=auto,energy=True,temperature=0.0,trace_dir=$out/lm-eval-trace" \
+      --device cuda --tasks humaneval_offline --include_path tasks --apply_chat_template --confirm_run_unsafe_code --limit 40 \
+      --output_path "$out/lm-eval" 2>&1 | grep --line-buffered -v -i warn | tail -12
+    step "the same through harness profile"
+    $py -m harness profile profiles/humaneval-qwen.yaml --energy --confirm-run-unsafe-code --no-progress \
+      --set prompts.limit=40 --set models.draft=null \
+      --set 'decoders=[{name: sampling, label: sampling-greedy, params: {temperature: 0.0}}]' \
+      -o "$out/profile-greedy" 2>&1 | tail -12 ;;
   lm-eval)
     step "lm_eval cross-check: greedy specdecode on the Qwen pair, HumanEval's first 40 problems, energy"
     lm_eval --model specdecode \
-      --model_args "$qwen,dtype=auto,device=cuda,energy=True,gamma=4,trace_dir=$out/lm-eval-trace" \
-      --tasks humaneval_offline --include_path tasks --apply_chat_template --confirm_run_unsafe_code --limit 40 \
+      --model_args "$qwen,dtype=auto,energy=True,gamma=4,trace_dir=$out/lm-eval-trace" \
+      --device cuda --tasks humaneval_offline --include_path tasks --apply_chat_template --confirm_run_unsafe_code --limit 40 \
       --output_path "$out/lm-eval" 2>&1 | grep --line-buffered -v -i warn | tail -12
     step "the same through harness profile"
     $py -m harness profile profiles/humaneval-qwen.yaml --energy --confirm-run-unsafe-code --no-progress \

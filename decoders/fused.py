@@ -21,6 +21,7 @@ for them (``room_for_copies``), the model's own forward runs instead.
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -116,14 +117,24 @@ def weights_of(model: PreTrainedModel) -> _Weights:
 
 
 def decoder_layer(x, cos, sin, mask, keys, values, positions, ln1, qkv_w, qkv_b, o_w, o_b, ln2, gate_up_w,
-                  gate_up_b, down_w, down_b, *, heads: int, kv_heads: int, eps: float):
+                  gate_up_b, down_w, down_b, *, heads: int, kv_heads: int, eps: float, regions=None):
     """One decoder layer on ``x`` ``(rows, n, hidden)``; writes this layer's K/V at ``positions``.
 
     ``keys``/``values`` ``(rows, kv_heads, max_length, head_dim)``; ``mask``
     ``(groups * n, max_length)`` float32, the additive mask repeated for each
     query head of a group. Only tensors and constants as arguments, so one
     compilation serves every layer of a model (and every model of its shape).
+    ``regions`` are the three parts below, compiled (``compiled_layer``) or not.
     """
+    attention, mlp_up, mlp_down = regions or (attention_block, mlp_in, mlp_out)
+    x, h = attention(x, cos, sin, mask, keys, values, positions, ln1, qkv_w, qkv_b, o_w, o_b, ln2,
+                     heads=heads, kv_heads=kv_heads, eps=eps)
+    return mlp_down(x, mlp_up(h, gate_up_w, gate_up_b), down_w, down_b)
+
+
+def attention_block(x, cos, sin, mask, keys, values, positions, ln1, qkv_w, qkv_b, o_w, o_b, ln2, *,
+                    heads: int, kv_heads: int, eps: float):
+    """Attention with its residual; returns ``x`` and the MLP's normed input."""
     rows, n, _ = x.shape
     head_dim = keys.shape[-1]
     q, k, v = F.linear(_rms_norm(x, ln1, eps), qkv_w, qkv_b).split(
@@ -138,19 +149,38 @@ def decoder_layer(x, cos, sin, mask, keys, values, positions, ln1, qkv_w, qkv_b,
     attn = torch.matmul(torch.softmax(scores, dim=-1).to(q.dtype), values)
     attn = attn.view(rows, heads, n, head_dim).transpose(1, 2).reshape(rows, n, heads * head_dim)
     x = x + F.linear(attn, o_w, o_b)
-    gate, up = F.linear(_rms_norm(x, ln2, eps), gate_up_w, gate_up_b).chunk(2, dim=-1)
-    return x + F.linear(F.silu(gate) * up, down_w, down_b)
+    return x, _rms_norm(x, ln2, eps)
+
+
+def mlp_in(h, gate_up_w, gate_up_b):
+    gate, up = F.linear(h, gate_up_w, gate_up_b).chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def mlp_out(x, act, down_w, down_b):
+    return x + F.linear(act, down_w, down_b)
 
 
 _compiled_layer = None
 
 
 def compiled_layer():
-    """``decoder_layer`` under ``torch.compile``, made once: compiling one layer
-    (not the whole model) takes seconds, and every layer reuses it."""
+    """``decoder_layer`` with its three regions under ``torch.compile``, made once:
+    compiling one layer (not the whole model) takes seconds, and every layer reuses it.
+
+    Why three regions and not one: compiled whole, inductor turns each batch-1
+    matmul into a reduction and fuses the norm before it (and the SiLU gate
+    before the down projection) into that reduction, so every one of its
+    thousands of programs recomputes the norm of the whole input; on an H200
+    the MLP's two matmuls then read their weights at 1.9-3.1 TB/s of 4.2
+    (benchmarks/step_profile.py). Region boundaries make the norm and the gate
+    one small kernel each, computed once.
+    """
     global _compiled_layer
     if _compiled_layer is None:
-        _compiled_layer = torch.compile(decoder_layer, dynamic=None, fullgraph=True)
+        regions = tuple(torch.compile(f, dynamic=None, fullgraph=True)
+                        for f in (attention_block, mlp_in, mlp_out))
+        _compiled_layer = functools.partial(decoder_layer, regions=regions)
     return _compiled_layer
 
 

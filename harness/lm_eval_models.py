@@ -160,7 +160,7 @@ class DecodingLM(HFLM):
             out = str(base / "decoding-traces" / f"{self.decoder_name}-{stamp[0]}")
         self.trace_dir = Path(out) if out else None
         self._calls = 0
-        self._warmed = False
+        self._warmed_length = 0  # prompt + new tokens of the longest warm-up so far
         self._record: RunRecord | None = None
 
     def _choose_decoder(self, decoder: str | None) -> str:
@@ -213,12 +213,15 @@ class DecodingLM(HFLM):
             self._record = self._start_record()
         results, decoded = [], []
         jobs = [self._job(index, request, eos_text) for index, request in enumerate(requests)]
-        if jobs and not self._warmed and (self.meter is not None or writer is not None):
-            # Compiling and capturing the decode steps happens once, outside every
-            # window and trace (as harness profile's warm-up does).
-            prompt, decoder, max_gen, until = jobs[0]
+        longest = max(jobs, key=lambda job: job[0].input_ids.shape[-1] + job[2], default=None)
+        if longest and longest[0].input_ids.shape[-1] + longest[2] > self._warmed_length and (
+                self.meter is not None or writer is not None):
+            # Compiling and capturing the decode steps happens outside every window
+            # and trace (as harness profile's warm-up does), on the request needing the
+            # longest cache: every other request reuses that cache and its steps.
+            prompt, decoder, max_gen, until = longest
             timed_generate(decoder, prompt, max_gen, 0, eos, device, stop_check(self.tokenizer, until))
-            self._warmed = True
+            self._warmed_length = prompt.input_ids.shape[-1] + max_gen
         # The window holds decoding only; perplexity and trace rows come after it.
         with measured(self.meter, sweep) as window:
             for (prompt, decoder, max_gen, until), request in zip(

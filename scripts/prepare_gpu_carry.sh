@@ -43,7 +43,8 @@ mkdir -p .whl
     typing_extensions==4.16.0 tyro==1.0.17 docstring_parser==0.18.0 typeguard==4.6.1 shtab==1.13.0 \
     amdsmi==7.0.2 gguf==0.19.0
 # lm-eval, and what its `lm_eval ... --tasks humaneval_offline` run imports that the GPU machine lacks
-# (found by listing the distributions of the modules such a run loads here).
+# (found by listing the distributions of the modules such a run loads here; pytz: typepy needs it
+# to print the results table, after the results are written).
 mkdir -p .whl-lmeval
 "$PY" -m pip download --disable-pip-version-check -q --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
@@ -51,5 +52,5 @@ mkdir -p .whl-lmeval
     lm_eval==0.4.13 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 xxhash==4.1.0 pytablewriter==1.2.1 \
     DataProperty==1.1.1 mbstrdecoder==1.1.5 pathvalidate==3.3.1 tabledata==1.3.5 tcolorpy==0.1.7 typepy==1.3.5 \
     chardet==6.0.0.post1 sacrebleu==2.6.0 lxml==6.1.3 portalocker==4.4.2 colorama==0.4.6 tabulate==0.10.0 \
-    cloudpickle==3.1.3
+    cloudpickle==3.1.3 pytz==2026.6
 ls .whl .whl-lmeval

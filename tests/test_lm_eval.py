@@ -113,6 +113,33 @@ def test_generate_until_honours_until_and_greedy(tiny):
     assert sd_text == text
 
 
+def test_warm_up_takes_the_request_needing_the_longest_cache(tiny, tmp_path, monkeypatch):
+    """Outside the window the adapter decodes the request with the most prompt + new
+    tokens (its cache serves the rest), and again only when a later call needs more."""
+    from harness import lm_eval_models
+    from harness.lm_eval_models import SamplingLM
+
+    fed = []
+    timed = lm_eval_models.timed_generate
+
+    def recording(decoder, prompt, max_gen, *args):
+        fed.append(prompt.input_ids.shape[-1] + max_gen)
+        return timed(decoder, prompt, max_gen, *args)
+
+    monkeypatch.setattr(lm_eval_models, "timed_generate", recording)
+    lm = SamplingLM(pretrained="builtin:tiny-random", device="cpu", trace_dir=str(tmp_path / "trace"))
+    short, long = "Hi", "Once upon a time in a land far away there lived"
+    calls = [_request(short, max_gen_toks=6), _request(long, max_gen_toks=4), _request(short, max_gen_toks=2)]
+    lm.generate_until(calls, disable_tqdm=True)
+    needs = [len(lm.tok_encode(short)) + 6, len(lm.tok_encode(long)) + 4, len(lm.tok_encode(short)) + 2]
+    assert fed == [max(needs)] + needs
+    fed.clear()
+    lm.generate_until([_request(short, max_gen_toks=3)], disable_tqdm=True)  # fits: no second warm-up
+    assert fed == [needs[0] - 3]
+    lm.generate_until([_request(long, max_gen_toks=12)], disable_tqdm=True)  # longer: warmed again
+    assert fed[1:] == [len(lm.tok_encode(long)) + 12] * 2
+
+
 def test_bad_model_args_are_clear():
     from harness.lm_eval_models import MTADLM, SamplingLM
 

@@ -283,3 +283,31 @@ def test_a_wrong_draft_for_a_decoder_stops_before_any_sweep(tmp_path, tiny_dirs)
     with pytest.raises(ValueError, match="needs an EAGLE head"):
         run_profile(parse_profile(raw, "wrong-draft.yaml"), tmp_path / "run", show_progress=False)
     assert not (tmp_path / "run" / "generations.parquet").exists()  # sampling did not run first
+
+
+def test_warm_up_runs_on_the_longest_prompt(tmp_path, tiny_dirs, monkeypatch):
+    """The warm-up builds the cache every cell of the sweep fits in (no cache, and no
+    compilation, is left for the energy window): it decodes the longest prompt."""
+    from decoders.base import Decoder
+
+    fed = []
+    generate = Decoder.generate
+
+    def recording(self, input_ids, *args, **kwargs):
+        fed.append(input_ids.shape[-1])
+        return generate(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(Decoder, "generate", recording)
+    target_dir, _ = tiny_dirs
+    items = ["Hi", "Once upon a time in a land far away there lived", "The fox"]
+    raw = {
+        "name": "warm-up",
+        "models": {"target": str(target_dir), "dtype": "float32", "device": "cpu"},
+        "prompts": {"items": items, "chat_template": False},
+        "generation": {"max_new_tokens": 3, "repeats": 1, "warmup": 2, "seed": 0},
+        "decoders": [{"name": "sampling"}],
+    }
+    run_dir = run_profile(parse_profile(raw, "warm-up.yaml"), tmp_path / "run", show_progress=False)
+    lengths = trace.read_table(run_dir).sort_values("prompt_index").prompt_tokens.tolist()
+    assert len(set(lengths)) == 3 and fed[2:] == lengths  # the three cells, in order
+    assert fed[:2] == [max(lengths)] * 2  # both warm-up runs on the longest

@@ -1,0 +1,194 @@
+"""Where one decode step's GPU time goes, kernel by kernel, and what a few layer variants cost.
+
+    python benchmarks/step_profile.py [--models qwen2.5-1.5b,smollm2-135m] [--variants default,...]
+        [--out PATH]
+
+For each random-weight model shape of ``benchmarks/step_cost.py`` (batch 1, a
+cache of 1,024 positions with 256 filled, one token fed) and each variant of
+the fused decode forward: the median time of a CUDA-graph replay, and from
+torch.profiler over 20 eager forwards of the same compiled code, every kernel's
+mean time per step, grouped by name, so the table says which kernels of a layer
+dominate and how far each is from its bytes. Variants are tried side by side in
+one process (the default first):
+
+- ``default``: what the decoders run (one compiled layer, coordinate descent).
+- ``one-region``: the whole layer as one compiled function (the form before
+  ``fused.compiled_layer`` split it into three regions).
+- ``no-cdt``: the same without coordinate-descent tuning.
+- ``sdpa``: attention through ``F.scaled_dot_product_attention`` (one kernel)
+  instead of matmul, softmax, matmul.
+- ``stack``: all layers in one compiled function (fusions across layers).
+- ``autotune``: the layer under ``mode="max-autotune-no-cudagraphs"``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch._inductor.config as inductor_config
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_cost import CACHE, FILLED, build, copy_bandwidth  # noqa: E402
+
+from decoders import fused, static  # noqa: E402
+
+VARIANTS = ("default", "one-region", "no-cdt", "sdpa", "stack", "autotune")
+
+
+def one_region_layer(*args, **kwargs):
+    """The layer as one function (inductor fuses the norms into the MLP's matmuls)."""
+    return fused.decoder_layer(*args, **kwargs)
+
+
+def sdpa_layer(x, cos, sin, mask, keys, values, positions, ln1, qkv_w, qkv_b, o_w, o_b, ln2, gate_up_w,
+               gate_up_b, down_w, down_b, *, heads: int, kv_heads: int, eps: float):
+    rows, n, _ = x.shape
+    head_dim = keys.shape[-1]
+    q, k, v = F.linear(fused._rms_norm(x, ln1, eps), qkv_w, qkv_b).split(
+        [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q = fused._rotate(q.view(rows, n, heads, head_dim).transpose(1, 2), cos, sin)
+    keys.index_copy_(2, positions, fused._rotate(k.view(rows, n, kv_heads, head_dim).transpose(1, 2), cos, sin))
+    values.index_copy_(2, positions, v.view(rows, n, kv_heads, head_dim).transpose(1, 2))
+    groups = heads // kv_heads
+    attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:n].to(q.dtype), enable_gqa=groups > 1)
+    attn = attn.transpose(1, 2).reshape(rows, n, heads * head_dim)
+    x = x + F.linear(attn, o_w, o_b)
+    gate, up = F.linear(fused._rms_norm(x, ln2, eps), gate_up_w, gate_up_b).chunk(2, dim=-1)
+    return x + F.linear(F.silu(gate) * up, down_w, down_b)
+
+
+def set_variant(name: str) -> None:
+    """Point ``fused.compiled_layer()`` at the variant's layer (``stack`` wraps the engine instead)."""
+    fused._compiled_layer = None
+    torch._dynamo.reset()
+    if name == "sdpa":
+        fused._compiled_layer = torch.compile(sdpa_layer, fullgraph=True)
+    elif name == "one-region":
+        fused._compiled_layer = torch.compile(one_region_layer, fullgraph=True)
+    elif name == "autotune":
+        fused._compiled_layer = torch.compile(fused.decoder_layer, fullgraph=True,
+                                              mode="max-autotune-no-cudagraphs")
+
+
+class _Stacked:
+    """An engine whose whole forward (every layer) is one compiled function."""
+
+    def __init__(self, engine: fused.FusedForward) -> None:
+        self.engine = engine
+        self._compiled = torch.compile(self._eager, fullgraph=False)
+
+    def _eager(self, tokens, positions, mask, keep, features=None, hidden=False):
+        return self.engine(tokens, positions, mask, keep, False, features=features, hidden=hidden)
+
+    def __call__(self, tokens, positions, mask, keep, compiled=False, features=None, hidden=False):
+        return self._compiled(tokens, positions, mask, keep, features=features, hidden=hidden)
+
+    def select(self, index):
+        self.engine.select(index)
+
+
+def replay_ms(cache: static.StaticCachedModel, repeats: int) -> float:
+    tokens = torch.randint(0, 1000, (1, 1), device="cuda")
+    times = []
+    for i in range(repeats + 3):
+        cache.crop(FILLED)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        cache(tokens, keep=1)
+        end.record()
+        end.synchronize()
+        if i >= 3:
+            times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def kernel_table(cache: static.StaticCachedModel, steps: int = 20) -> list[dict]:
+    """Mean microseconds per step of every kernel name, over ``steps`` eager compiled forwards."""
+    tokens = torch.randint(0, 1000, (1, 1), device="cuda")
+    forward = cache._compiled_forward or cache._forward
+    cache._start.fill_(FILLED)
+    forward((tokens,), 1)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            forward((tokens,), 1)
+        torch.cuda.synchronize()
+    total = collections.defaultdict(float)
+    count = collections.Counter()
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            total[e.name] += e.device_time if hasattr(e, "device_time") else e.cuda_time
+            count[e.name] += 1
+    rows = [{"kernel": k[:90], "us_per_step": total[k] / steps, "calls_per_step": count[k] / steps,
+             "us_per_call": total[k] / count[k]} for k in total]
+    return sorted(rows, key=lambda r: -r["us_per_step"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="qwen2.5-1.5b,smollm2-135m")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--table-variants", default="default", help="variants whose kernel table is printed")
+    ap.add_argument("--repeats", type=int, default=200)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    bandwidth = copy_bandwidth()
+    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bandwidth_Bps": bandwidth,
+              "models": {}}
+    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
+    table_variants = set(args.table_variants.split(","))
+    with torch.inference_mode():
+        for name in args.models.split(","):
+            model = build(name)
+            weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+            floor_ms = 1e3 * weight_bytes / bandwidth
+            entry = result["models"][name] = {"weight_floor_ms": floor_ms, "variants": {}}
+            for variant in args.variants.split(","):
+                t0 = time.perf_counter()
+                try:
+                    set_variant(variant)
+                    cache = static.StaticCachedModel(model, 1, CACHE, graphs=True, compile=variant != "stack")
+                    if variant == "stack":
+                        cache.engine = _Stacked(cache.engine)
+                        cache.compiled = True
+                    patch = inductor_config.patch(coordinate_descent_tuning=variant != "no-cdt")
+                    with patch:
+                        cache(torch.randint(0, 1000, (1, FILLED), device="cuda"), keep=1)
+                        ms = replay_ms(cache, args.repeats)
+                        setup_s = time.perf_counter() - t0
+                        row = {"ms": ms, "x_weight_floor": ms / floor_ms, "setup_s": setup_s}
+                        print(f"{name:14s} {variant:9s} {ms:.3f} ms ({ms / floor_ms:.2f}x weight floor "
+                              f"{floor_ms:.3f}), set-up {setup_s:.0f} s", flush=True)
+                        if variant in table_variants:
+                            table = kernel_table(cache)
+                            row["kernels"] = table
+                            summed = sum(r["us_per_step"] for r in table)
+                            print(f"  kernels: {sum(r['calls_per_step'] for r in table):.0f} per step, "
+                                  f"{summed / 1e3:.3f} ms summed (graph replay {ms:.3f} ms)")
+                            for r in table[:24]:
+                                print(f"  {r['us_per_step']:8.1f} us/step {r['calls_per_step']:5.1f}x "
+                                      f"{r['us_per_call']:6.2f} us  {r['kernel']}")
+                    entry["variants"][variant] = row
+                except Exception as exc:  # a variant that does not compile must not cost the others
+                    print(f"{name:14s} {variant:9s} failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+                    entry["variants"][variant] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+                finally:
+                    static.release_all()
+                    fused._compiled_layer = None
+                if args.out:
+                    args.out.parent.mkdir(parents=True, exist_ok=True)
+                    args.out.write_text(json.dumps(result, indent=1))
+            del model
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
