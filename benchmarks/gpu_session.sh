@@ -28,6 +28,20 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUF
 py=${PYTHON:-python3}
 qwen="pretrained=builtin:qwen2.5-coder-1.5b-instruct,draft=builtin:qwen2.5-coder-0.5b-instruct"
 step() { echo "== $(date +%T) $*"; }
+# crosscheck WHAT MODEL MODEL_ARGS PROFILE_DECODER RUN_NAME [harness profile options]: one setting
+# on HumanEval's first 40 problems with energy, through plain lm_eval and through harness profile
+# (compare with benchmarks/lm_eval_crosscheck.py).
+crosscheck() {
+  local what=$1 model=$2 args=$3 decoder=$4 run=$5
+  shift 5
+  step "lm_eval cross-check: $what, HumanEval's first 40 problems, energy"
+  lm_eval --model "$model" --model_args "$args,dtype=auto,energy=True,trace_dir=$out/lm-eval-trace-$run" \
+    --device cuda --tasks humaneval_offline --include_path tasks --apply_chat_template --confirm_run_unsafe_code \
+    --limit 40 --output_path "$out/lm-eval-$run" 2>&1 | grep --line-buffered -v -i warn | tail -12
+  step "the same through harness profile"
+  $py -m harness profile profiles/humaneval-qwen.yaml --energy --confirm-run-unsafe-code --no-progress \
+    --set prompts.limit=40 --set "decoders=[$decoder]" "$@" -o "$out/$run" 2>&1 | tail -12
+}
 
 for s in $steps; do
   case $s in
@@ -55,27 +69,13 @@ for s in $steps; do
     $py benchmarks/gpu_decoding.py --sections pace --pairs qwen --prompts 6 --anchor-prompts 2 --new-tokens 128 \
       --out "$out/gpu-pace-qwen.json" 2>&1 | grep --line-buffered -v -i warn ;;
   lm-eval-target)
-    step "lm_eval cross-check: greedy sampling on the Qwen 1.5B, HumanEval's first 40 problems, energy"
-    lm_eval --model sampling \
-      --model_args "pretrained=builtin:qwen2.5-coder-1.5b-instruct,dtype=auto,energy=True,temperature=0.0,trace_dir=$out/lm-eval-trace" \
-      --device cuda --tasks humaneval_offline --include_path tasks --apply_chat_template --confirm_run_unsafe_code --limit 40 \
-      --output_path "$out/lm-eval" 2>&1 | grep --line-buffered -v -i warn | tail -12
-    step "the same through harness profile"
-    $py -m harness profile profiles/humaneval-qwen.yaml --energy --confirm-run-unsafe-code --no-progress \
-      --set prompts.limit=40 --set models.draft=null \
-      --set 'decoders=[{name: sampling, label: sampling-greedy, params: {temperature: 0.0}}]' \
-      -o "$out/profile-greedy" 2>&1 | tail -12 ;;
+    crosscheck "greedy sampling on the Qwen 1.5B" sampling \
+      "pretrained=builtin:qwen2.5-coder-1.5b-instruct,temperature=0.0" \
+      "{name: sampling, label: sampling-greedy, params: {temperature: 0.0}}" profile-greedy \
+      --set models.draft=null ;;
   lm-eval)
-    step "lm_eval cross-check: greedy specdecode on the Qwen pair, HumanEval's first 40 problems, energy"
-    lm_eval --model specdecode \
-      --model_args "$qwen,dtype=auto,energy=True,gamma=4,trace_dir=$out/lm-eval-trace" \
-      --device cuda --tasks humaneval_offline --include_path tasks --apply_chat_template --confirm_run_unsafe_code --limit 40 \
-      --output_path "$out/lm-eval" 2>&1 | grep --line-buffered -v -i warn | tail -12
-    step "the same through harness profile"
-    $py -m harness profile profiles/humaneval-qwen.yaml --energy --confirm-run-unsafe-code --no-progress \
-      --set prompts.limit=40 \
-      --set 'decoders=[{name: specdecode, label: specdecode, params: {gamma: 4, temperature: 0.0}}]' \
-      -o "$out/profile-sd-greedy" 2>&1 | tail -12 ;;
+    crosscheck "greedy specdecode on the Qwen pair" specdecode "$qwen,gamma=4" \
+      "{name: specdecode, label: specdecode, params: {gamma: 4, temperature: 0.0}}" profile-sd-greedy ;;
   *) echo "unknown step $s" >&2; exit 2 ;;
   esac
 done
