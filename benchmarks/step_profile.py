@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,20 +36,16 @@ import torch._inductor.config as inductor_config
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_cost import CACHE, FILLED, build, copy_bandwidth  # noqa: E402
+from step_cost import CACHE, FILLED, build, copy_bandwidth, replay_ms  # noqa: E402
 
 from decoders import fused, static  # noqa: E402
 
 VARIANTS = ("default", "one-region", "no-cdt", "sdpa", "stack", "autotune")
 
 
-def one_region_layer(*args, **kwargs):
-    """The layer as one function (inductor fuses the norms into the MLP's matmuls)."""
-    return fused.decoder_layer(*args, **kwargs)
-
-
-def sdpa_layer(x, cos, sin, mask, keys, values, positions, ln1, qkv_w, qkv_b, o_w, o_b, ln2, gate_up_w,
-               gate_up_b, down_w, down_b, *, heads: int, kv_heads: int, eps: float):
+def sdpa_attention(x, cos, sin, mask, keys, values, positions, ln1, qkv_w, qkv_b, o_w, o_b, ln2, *,
+                   heads: int, kv_heads: int, eps: float):
+    """``fused.attention_block`` with its three attention kernels replaced by one SDPA call."""
     rows, n, _ = x.shape
     head_dim = keys.shape[-1]
     q, k, v = F.linear(fused._rms_norm(x, ln1, eps), qkv_w, qkv_b).split(
@@ -57,22 +53,26 @@ def sdpa_layer(x, cos, sin, mask, keys, values, positions, ln1, qkv_w, qkv_b, o_
     q = fused._rotate(q.view(rows, n, heads, head_dim).transpose(1, 2), cos, sin)
     keys.index_copy_(2, positions, fused._rotate(k.view(rows, n, kv_heads, head_dim).transpose(1, 2), cos, sin))
     values.index_copy_(2, positions, v.view(rows, n, kv_heads, head_dim).transpose(1, 2))
-    groups = heads // kv_heads
-    attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:n].to(q.dtype), enable_gqa=groups > 1)
-    attn = attn.transpose(1, 2).reshape(rows, n, heads * head_dim)
-    x = x + F.linear(attn, o_w, o_b)
-    gate, up = F.linear(fused._rms_norm(x, ln2, eps), gate_up_w, gate_up_b).chunk(2, dim=-1)
-    return x + F.linear(F.silu(gate) * up, down_w, down_b)
+    # mask holds the n rows of the additive mask once per query head of a group: the first n are the mask.
+    attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:n].to(q.dtype),
+                                          enable_gqa=heads > kv_heads)
+    x = x + F.linear(attn.transpose(1, 2).reshape(rows, n, heads * head_dim), o_w, o_b)
+    return x, fused._rms_norm(x, ln2, eps)
 
 
 def set_variant(name: str) -> None:
-    """Point ``fused.compiled_layer()`` at the variant's layer (``stack`` wraps the engine instead)."""
+    """Point ``fused.compiled_layer()`` at the variant's layer (``stack`` wraps the engine instead).
+
+    ``decoder_layer`` compiled as one function (eager regions, traced through) is the
+    one-region form; ``sdpa`` and ``autotune`` are one region too.
+    """
     fused._compiled_layer = None
     torch._dynamo.reset()
     if name == "sdpa":
-        fused._compiled_layer = torch.compile(sdpa_layer, fullgraph=True)
+        layer = functools.partial(fused.decoder_layer, regions=(sdpa_attention, fused.mlp_in, fused.mlp_out))
+        fused._compiled_layer = torch.compile(layer, fullgraph=True)
     elif name == "one-region":
-        fused._compiled_layer = torch.compile(one_region_layer, fullgraph=True)
+        fused._compiled_layer = torch.compile(fused.decoder_layer, fullgraph=True)
     elif name == "autotune":
         fused._compiled_layer = torch.compile(fused.decoder_layer, fullgraph=True,
                                               mode="max-autotune-no-cudagraphs")
@@ -90,24 +90,6 @@ class _Stacked:
 
     def __call__(self, tokens, positions, mask, keep, compiled=False, features=None, hidden=False):
         return self._compiled(tokens, positions, mask, keep, features=features, hidden=hidden)
-
-    def select(self, index):
-        self.engine.select(index)
-
-
-def replay_ms(cache: static.StaticCachedModel, repeats: int) -> float:
-    tokens = torch.randint(0, 1000, (1, 1), device="cuda")
-    times = []
-    for i in range(repeats + 3):
-        cache.crop(FILLED)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        cache(tokens, keep=1)
-        end.record()
-        end.synchronize()
-        if i >= 3:
-            times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def kernel_table(cache: static.StaticCachedModel, steps: int = 20) -> list[dict]:
@@ -162,7 +144,7 @@ def main() -> None:
                     patch = inductor_config.patch(coordinate_descent_tuning=variant != "no-cdt")
                     with patch:
                         cache(torch.randint(0, 1000, (1, FILLED), device="cuda"), keep=1)
-                        ms = replay_ms(cache, args.repeats)
+                        ms = replay_ms(cache, 1, args.repeats)
                         setup_s = time.perf_counter() - t0
                         row = {"ms": ms, "x_weight_floor": ms / floor_ms, "setup_s": setup_s}
                         print(f"{name:14s} {variant:9s} {ms:.3f} ms ({ms / floor_ms:.2f}x weight floor "

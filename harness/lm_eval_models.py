@@ -213,15 +213,18 @@ class DecodingLM(HFLM):
             self._record = self._start_record()
         results, decoded = [], []
         jobs = [self._job(index, request, eos_text) for index, request in enumerate(requests)]
-        longest = max(jobs, key=lambda job: job[0].input_ids.shape[-1] + job[2], default=None)
-        if longest and longest[0].input_ids.shape[-1] + longest[2] > self._warmed_length and (
+        def cache_length(job) -> int:  # what a request's KV cache must hold: prompt + new tokens
+            return job[0].input_ids.shape[-1] + job[2]
+
+        longest = max(jobs, key=cache_length, default=None)
+        if longest and cache_length(longest) > self._warmed_length and (
                 self.meter is not None or writer is not None):
             # Compiling and capturing the decode steps happens outside every window
             # and trace (as harness profile's warm-up does), on the request needing the
             # longest cache: every other request reuses that cache and its steps.
             prompt, decoder, max_gen, until = longest
             timed_generate(decoder, prompt, max_gen, 0, eos, device, stop_check(self.tokenizer, until))
-            self._warmed_length = prompt.input_ids.shape[-1] + max_gen
+            self._warmed_length = cache_length(longest)
         # The window holds decoding only; perplexity and trace rows come after it.
         with measured(self.meter, sweep) as window:
             for (prompt, decoder, max_gen, until), request in zip(
