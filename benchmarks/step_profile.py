@@ -11,10 +11,13 @@ mean time per step, grouped by name, so the table says which kernels of a layer
 dominate and how far each is from its bytes. Variants are tried side by side in
 one process (the default first):
 
-- ``default``: what the decoders run (one compiled layer, coordinate descent).
+- ``default``: what the decoders run (``decoders.decode_kernels``: six Triton
+  kernels a layer).
+- ``compiled-layer``: the layer under ``torch.compile`` in three regions with
+  coordinate-descent tuning (``fused.compiled_layer``, the form before the kernels).
 - ``one-region``: the whole layer as one compiled function (the form before
   ``fused.compiled_layer`` split it into three regions).
-- ``no-cdt``: the same without coordinate-descent tuning.
+- ``no-cdt``: the compiled layer without coordinate-descent tuning.
 - ``sdpa``: attention through ``F.scaled_dot_product_attention`` (one kernel)
   instead of matmul, softmax, matmul.
 - ``stack``: all layers in one compiled function (fusions across layers).
@@ -40,7 +43,7 @@ from step_cost import CACHE, FILLED, build, copy_bandwidth, replay_ms  # noqa: E
 
 from decoders import fused, static  # noqa: E402
 
-VARIANTS = ("default", "one-region", "no-cdt", "sdpa", "stack", "autotune")
+VARIANTS = ("default", "compiled-layer", "one-region", "no-cdt", "sdpa", "stack", "autotune")
 
 
 def sdpa_attention(x, cos, sin, mask, keys, values, positions, ln1, qkv_w, qkv_b, o_w, o_b, ln2, *,
@@ -138,6 +141,7 @@ def main() -> None:
                 try:
                     set_variant(variant)
                     cache = static.StaticCachedModel(model, 1, CACHE, graphs=True, compile=variant != "stack")
+                    cache.engine.kernels = cache.engine.kernels and variant == "default"
                     if variant == "stack":
                         cache.engine = _Stacked(cache.engine)
                         cache.compiled = True

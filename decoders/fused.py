@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from decoders import decode_kernels
+
 # Architectures whose decoder layer is exactly: RMSNorm, attention (rotary,
 # optional q/k/v bias), residual, RMSNorm, SiLU-gated MLP, residual.
 _ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM",
@@ -161,6 +163,13 @@ def mlp_out(x, act, down_w, down_b):
     return x + F.linear(act, down_w, down_b)
 
 
+# Steps of at most this many rows (tokens fed x cache rows) run decode_kernels.
+# One: the kernels read a weight at 2.7-4.5 TB/s for one row, but their row
+# kernel reduces every further row in turn, so five rows took 2.8x cuBLAS on
+# Qwen2.5-1.5B's gate/up (46.7 against 16.8 us, benchmarks/gemv_configs.py, H200);
+# multi-token steps (verification, beams) keep the compiled layer and cuBLAS.
+KERNEL_ROWS = 1
+
 _compiled_layer = None
 
 
@@ -208,18 +217,24 @@ class FusedForward:
         # The model's own rotary embedding, evaluated once for every position.
         positions = torch.arange(max_length, device=param.device).view(1, -1)
         cos, sin = model.model.rotary_emb(self.keys[0, :1, 0], positions)
-        self.cos, self.sin = cos[0], sin[0]  # (max_length, head_dim)
+        self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()  # (max_length, head_dim)
+        # Decode steps through decoders.decode_kernels (six kernels a layer) where they run.
+        self.kernels = decode_kernels.available(param.device) and decode_kernels.supports(param.dtype, head_dim)
 
     @torch.no_grad()  # the model's parameters require grad; a decode step never does
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, keep: int,
                  compiled: bool = False, features: torch.Tensor | None = None, hidden: bool = False):
         """Logits ``(rows, keep, V)`` in the model's dtype for ``tokens`` ``(rows, n)`` at ``positions`` ``(n,)``.
 
-        ``mask`` is the additive attention mask ``(n, max_length)`` over the cache.
-        ``compiled`` runs each layer through ``compiled_layer()`` (decode shapes only:
-        every new shape compiles once). ``features`` ``(rows, n, hidden)`` go to a model
-        that takes them (``fuse_inputs``); ``hidden`` also returns the final normed
-        hidden states of all ``n`` positions, as ``(logits, states)``.
+        ``mask`` is the additive attention mask ``(n, max_length)`` over the cache: the
+        causal one (``positions`` consecutive, each token seeing the cache up to itself).
+        ``compiled``: the fast form of a decode step, for graph capture: the layers
+        through ``decode_kernels`` where ``self.kernels`` (fp16/bf16 on a GPU) and the
+        step is at most ``KERNEL_ROWS`` rows (they compute the causal mask from
+        ``positions``), else through ``compiled_layer()`` (each shape compiles once).
+        ``features`` ``(rows, n, hidden)`` go to a model that takes them
+        (``fuse_inputs``); ``hidden`` also returns the final normed hidden states of
+        all ``n`` positions, as ``(logits, states)``.
         """
         w = self.weights
         layer_fn = compiled_layer() if compiled else decoder_layer
@@ -228,6 +243,8 @@ class FusedForward:
             x = w.fuse(x, features)
         elif w.fuse is not None:
             raise ValueError("this model fuses features with its tokens: pass features=...")
+        if compiled and self.kernels and x.shape[0] * x.shape[1] <= KERNEL_ROWS:
+            return self._kernel_forward(x, positions, keep, hidden)
         cos, sin = self.cos[positions], self.sin[positions]  # (n, head_dim)
         mask = mask.float().repeat(self.heads // self.kv_heads, 1)
         for i, params in enumerate(w.layers):
@@ -237,6 +254,30 @@ class FusedForward:
             states = _rms_norm(x, w.norm, self.eps)
             return w.head(states[:, -keep:]), states
         return w.head(_rms_norm(x[:, -keep:], w.norm, self.eps))
+
+    def _kernel_forward(self, x: torch.Tensor, positions: torch.Tensor, keep: int, hidden: bool):
+        """The layers and the head (where it is a plain linear map, not a draft's
+        subset head) through ``decode_kernels``: six launches a layer."""
+        w = self.weights
+        rows, n, width = x.shape
+        x = x.reshape(rows * n, width)
+        for i, (ln1, qkv_w, qkv_b, o_w, o_b, ln2, gate_up_w, gate_up_b, down_w, down_b) in enumerate(w.layers):
+            qkv = decode_kernels.gemv(x, qkv_w, qkv_b, norm=ln1, eps=self.eps)
+            attn = decode_kernels.attention(qkv, self.keys[i], self.values[i], self.cos, self.sin, positions,
+                                            heads=self.heads, kv_heads=self.kv_heads)
+            x = decode_kernels.gemv(attn, o_w, o_b, residual=x)
+            act = decode_kernels.gemv(x, gate_up_w, gate_up_b, norm=ln2, eps=self.eps, gated=True)
+            x = decode_kernels.gemv(act, down_w, down_b, residual=x)
+        # The final norm stays one torch kernel on both paths (with and without
+        # ``hidden``), so an EAGLE target's logits are exactly sampling's.
+        states = _rms_norm(x.view(rows, n, width), w.norm, self.eps)
+        kept = states[:, -keep:]
+        if type(w.head) is torch.nn.Linear:
+            logits = decode_kernels.gemv(kept.reshape(rows * keep, width), w.head.weight, w.head.bias)
+            logits = logits.view(rows, keep, -1)
+        else:
+            logits = w.head(kept)
+        return (logits, states) if hidden else logits
 
     def select(self, index: torch.Tensor) -> None:
         """Row ``r`` of the cache becomes row ``index[r]`` (in place: graphs read these tensors)."""

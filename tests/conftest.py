@@ -13,6 +13,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# Without a GPU, Triton kernels (decoders.decode_kernels) run under Triton's
+# interpreter: read when a kernel is defined, so before decoders is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from harness.models import load_models  # noqa: E402

@@ -1,0 +1,369 @@
+"""Triton kernels for a decode step: a few rows against each layer's weights.
+
+Why: a decode step feeds 1-32 tokens, so every matmul is a matrix-vector
+product whose time is the bytes of its weight, and everything else in a layer
+(norms, rotary, cache writes, attention over a short cache) is a few
+microseconds of launch latency each. Measured on an H200 with the layer under
+``torch.compile`` (benchmarks/step_profile.py): a Qwen2.5-1.5B layer ran 12-13
+kernels in 54 us where its bytes need 22; inductor's batch-1 reductions read
+the MLP weights at 1.8-3.1 TB/s of 4.2, and the other ten kernels were latency.
+Here a layer is six kernels, each doing all the work between two points where
+a whole row must be complete:
+
+1. ``gemv`` with the RMS norm in its prologue and the bias in its epilogue: q, k, v;
+2. ``attention``: rotary of q and the new k, their write into the cache, and
+   attention over the cache in chunks (each chunk one program, so a short cache
+   reads only its valid chunks' keys), then a small kernel that combines the
+   chunks' partial softmaxes;
+3. ``gemv`` with the residual add in its epilogue: the output projection;
+4. ``gemv`` with the norm in its prologue and SiLU(gate) * up in its epilogue
+   (each program computes matching gate and up columns);
+5. ``gemv`` with the residual add: the down projection.
+
+Numerics follow transformers' order of rounding where it is observable (the norm
+in float32, rounded, then scaled; matmul outputs rounded before the residual or
+the activation), with float32 accumulation throughout. Up to ``ROW_KERNEL_ROWS``
+rows, a row's result does not depend on how many rows are fed (every row takes
+the same reduction order).
+
+Only the shapes of a decode step: at most ``MAX_ROWS`` rows, fp16/bf16 weights,
+a power-of-two head size. ``supports`` says whether a model fits; the caller
+(``decoders.fused``) runs its other forward otherwise, and for steps of more than
+one row (``fused.KERNEL_ROWS`` says why). On a machine without a
+GPU the kernels still run under Triton's interpreter (``TRITON_INTERPRET=1``),
+which is how the CPU tests check them.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the fused forward's other paths serve
+    triton = None
+
+# Rows (tokens fed x cache rows) one launch covers; more (a prompt) goes to cuBLAS.
+MAX_ROWS = 64
+# Cache positions per attention program.
+CHUNK = 64
+
+
+def supports(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether these kernels can run a model of this dtype and head size."""
+    return (triton is not None and dtype in (torch.float16, torch.bfloat16)
+            and head_dim >= 16 and head_dim & (head_dim - 1) == 0)
+
+
+def available(device: torch.device) -> bool:
+    """Compiled kernels need a CUDA device (the interpreter serves tests only)."""
+    return triton is not None and device.type == "cuda"
+
+
+# --- matrix-vector products -------------------------------------------------------------------
+
+# Up to this many rows a launch reduces row by row (every row alike, whatever
+# the count: the exactness above); more (beam search's blocks) use tensor cores.
+ROW_KERNEL_ROWS = 8
+
+
+@functools.cache
+def gemv_config(n: int, k: int, rows: int = 1, gated: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages) for an ``n``-output, ``k``-input product.
+
+    Row kernel, from benchmarks/gemv_configs.py on an H200 (one row; each rule
+    within 10% of the best configuration of every layer matrix of SmolLM2-135M
+    and Qwen2.5-0.5B/1.5B): a K block of 2,048 (the whole row where K is 1,024
+    or less), one or two output columns per program for a narrow output (so a
+    896-wide product is 896 programs: a batch-1 product is bound by the bytes in
+    flight), eight for a wide gate/up or an output head. Tensor-core kernel:
+    16-wide tiles at least, three stages in shared memory.
+    """
+    if rows <= ROW_KERNEL_ROWS:
+        if n >= 32768:  # an output head
+            return 8, (512 if k % 512 == 0 else 256), 4, 1
+        block_k = 2048 if k > 1024 else triton.next_power_of_2(k)
+        if gated:
+            block_n = 8 if n >= 4096 else 4
+        else:
+            block_n = 2 if n * k >= 2**21 and k <= 2048 else 1
+        return block_n, block_k, 4, 1
+    block_k = next((b for b in (256, 128, 64) if k % b == 0), 64)
+    return (16 if n <= 8192 else 32), block_k, 4, 3
+
+
+if triton is not None:
+
+    @triton.jit
+    def _row_rstd(x_ptr, rm, M, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        # 1 / RMS of each row of x over all of K, in float32 (x is a few KB: read twice, from cache).
+        rk = tl.arange(0, BLOCK_K)
+        squares = tl.zeros((BLOCK_M,), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ok = (rm < M)[:, None] & ((k0 + rk) < K)[None, :]
+            xs = tl.load(x_ptr + rm[:, None] * K + (k0 + rk)[None, :], mask=ok, other=0.0).to(tl.float32)
+            squares += tl.sum(xs * xs, axis=1)
+        return tl.rsqrt(squares / K + eps)
+
+    @triton.jit
+    def _normed(xs, rstd, g, dtype: tl.constexpr):
+        # transformers' RMSNorm: normalise in float32, round to the model's dtype, then scale (rounded).
+        return ((xs.to(tl.float32) * rstd).to(dtype).to(tl.float32) * g).to(dtype)
+
+    @triton.jit
+    def _epilogue(acc, acc_up, rm, rn, M, N, y_ptr, bias_ptr, res_ptr,
+                  BIAS: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr, dtype: tl.constexpr):
+        # Bias, rounding to the model's dtype, SiLU(gate) * up, residual, as transformers rounds them.
+        m_ok = rm < M
+        n_ok = rn < N
+        if BIAS:
+            acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        out = acc.to(dtype)
+        if GATED:
+            if BIAS:
+                acc_up += tl.load(bias_ptr + N + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            gate = out.to(tl.float32)
+            silu = (gate / (1.0 + tl.exp(-gate))).to(dtype)
+            out = (silu.to(tl.float32) * acc_up.to(dtype).to(tl.float32)).to(dtype)
+        y_off = rm[:, None] * N + rn[None, :]
+        y_ok = m_ok[:, None] & n_ok[None, :]
+        if RESIDUAL:
+            res = tl.load(res_ptr + y_off, mask=y_ok, other=0.0)
+            out = (res.to(tl.float32) + out.to(tl.float32)).to(dtype)
+        tl.store(y_ptr + y_off, out, mask=y_ok)
+
+    @triton.jit
+    def _gemv_rows_kernel(x_ptr, w_ptr, y_ptr, norm_ptr, bias_ptr, res_ptr, M, N, K, eps,
+                          NORM: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # y[m, n] = epilogue(sum_k prologue(x)[m, k] * w[n, k]) for M <= BLOCK_M rows: each weight
+        # tile is read once and reduced against every row in turn (CUDA cores, float32).
+        rm = tl.arange(0, BLOCK_M)
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        n_ok = rn < N
+        dtype = w_ptr.dtype.element_ty
+        if NORM:
+            rstd = _row_rstd(x_ptr, rm, M, K, eps, BLOCK_M, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = (k0 + rk) < K
+            w_ok = n_ok[:, None] & k_ok[None, :]
+            ws = tl.load(w_ptr + rn[:, None] * K + (k0 + rk)[None, :], mask=w_ok, other=0.0).to(tl.float32)
+            if GATED:
+                wu = tl.load(w_ptr + (rn + N)[:, None] * K + (k0 + rk)[None, :], mask=w_ok,
+                             other=0.0).to(tl.float32)
+            if NORM:
+                g = tl.load(norm_ptr + k0 + rk, mask=k_ok, other=0.0).to(tl.float32)
+            for m in range(M):
+                xs = tl.load(x_ptr + m * K + k0 + rk, mask=k_ok, other=0.0)
+                if NORM:
+                    xs = _normed(xs, tl.sum(tl.where(rm == m, rstd, 0.0)), g, dtype)
+                xs = xs.to(tl.float32)[None, :]
+                row = (rm == m)[:, None]
+                acc = tl.where(row, acc + tl.sum(ws * xs, axis=1)[None, :], acc)
+                if GATED:
+                    acc_up = tl.where(row, acc_up + tl.sum(wu * xs, axis=1)[None, :], acc_up)
+        _epilogue(acc, acc_up, rm, rn, M, N, y_ptr, bias_ptr, res_ptr, BIAS, RESIDUAL, GATED, dtype)
+
+    @triton.jit
+    def _gemv_dot_kernel(x_ptr, w_ptr, y_ptr, norm_ptr, bias_ptr, res_ptr, M, N, K, eps,
+                         NORM: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # The same for a block of BLOCK_M rows on tensor cores (float32 accumulation).
+        rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        m_ok = rm < M
+        n_ok = rn < N
+        dtype = w_ptr.dtype.element_ty
+        if NORM:
+            rstd = _row_rstd(x_ptr, rm, M, K, eps, BLOCK_M, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = (k0 + rk) < K
+            xs = tl.load(x_ptr + rm[:, None] * K + (k0 + rk)[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                         other=0.0)
+            if NORM:
+                g = tl.load(norm_ptr + k0 + rk, mask=k_ok, other=0.0).to(tl.float32)
+                xs = _normed(xs, rstd[:, None], g[None, :], dtype)
+            w_ok = n_ok[:, None] & k_ok[None, :]
+            ws = tl.load(w_ptr + rn[:, None] * K + (k0 + rk)[None, :], mask=w_ok, other=0.0)
+            acc += tl.dot(xs, tl.trans(ws))
+            if GATED:
+                ws = tl.load(w_ptr + (rn + N)[:, None] * K + (k0 + rk)[None, :], mask=w_ok, other=0.0)
+                acc_up += tl.dot(xs, tl.trans(ws))
+        _epilogue(acc, acc_up, rm, rn, M, N, y_ptr, bias_ptr, res_ptr, BIAS, RESIDUAL, GATED, dtype)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+         norm: torch.Tensor | None = None, eps: float = 0.0, residual: torch.Tensor | None = None,
+         gated: bool = False, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """``F.linear`` of ``x`` ``(M, K)`` with ``weight`` ``(N, K)``, with optional fused steps.
+
+    ``norm``: RMS-normalise each row of ``x`` first (weight ``(K,)``, ``eps``).
+    ``gated``: ``weight`` is ``[gate; up]`` ``(2N, K)`` and the result is
+    ``silu(x @ gate.T) * (x @ up.T)`` ``(M, N)``. ``residual`` ``(M, N)`` is added
+    last. ``config`` overrides ``gemv_config`` (benchmarks/gemv_configs.py).
+    """
+    m, k = x.shape
+    n = weight.shape[0] // 2 if gated else weight.shape[0]
+    if m > MAX_ROWS:
+        raise ValueError(f"gemv takes at most {MAX_ROWS} rows, got {m}")
+    x = x.contiguous()
+    y = torch.empty((m, n), dtype=weight.dtype, device=x.device)
+    block_n, block_k, warps, stages = config or gemv_config(n, k, m, gated)
+    if m <= ROW_KERNEL_ROWS:
+        kernel, block_m, grid = _gemv_rows_kernel, ROW_KERNEL_ROWS, (triton.cdiv(n, block_n),)
+    else:
+        block_m = max(16, triton.next_power_of_2(m))
+        kernel, grid = _gemv_dot_kernel, (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+    dummy = weight  # pointer arguments a disabled step never reads
+    kernel[grid](
+        x, weight, y, norm if norm is not None else dummy, bias if bias is not None else dummy,
+        residual.contiguous() if residual is not None else dummy, m, n, k, eps,
+        NORM=norm is not None, BIAS=bias is not None, RESIDUAL=residual is not None, GATED=gated,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+    return y
+
+
+# --- attention ---------------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _rotary_rows(ptr, row_stride, rows, cols_base, pos, cos_ptr, sin_ptr, mask,
+                     D: tl.constexpr):
+        # Rows of a (rows, D) head slice rotated by the rotate-half rule at positions ``pos``,
+        # in float32: x * cos + [-x[D/2:], x[:D/2]] * sin.
+        d = tl.arange(0, D)
+        partner = (d + D // 2) % D
+        sign = tl.where(d < D // 2, -1.0, 1.0)
+        base = ptr + rows[:, None] * row_stride + cols_base[:, None]
+        xs = tl.load(base + d[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
+        xp = tl.load(base + partner[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
+        cos = tl.load(cos_ptr + pos[:, None] * D + d[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + pos[:, None] * D + d[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
+        return xs * cos + sign[None, :] * xp * sin
+
+    @triton.jit
+    def _attention_chunk_kernel(qkv_ptr, keys_ptr, values_ptr, cos_ptr, sin_ptr, positions_ptr,
+                                part_acc_ptr, part_max_ptr, part_sum_ptr, n, max_length, chunks, scale,
+                                HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr,
+                                BLOCK_Q: tl.constexpr, CHUNK: tl.constexpr):
+        # One program: cache row r, KV head h, cache positions [c * CHUNK, (c + 1) * CHUNK).
+        # Its queries are the G = HEADS / KV_HEADS query heads of h times the n new tokens,
+        # as query row i = g * n + t (head h * G + g, token t).
+        G: tl.constexpr = HEADS // KV_HEADS
+        QKV: tl.constexpr = (HEADS + 2 * KV_HEADS) * D
+        r = tl.program_id(0) // KV_HEADS
+        h = tl.program_id(0) % KV_HEADS
+        c = tl.program_id(1)
+        start = tl.load(positions_ptr)  # the new tokens sit at start .. start + n - 1
+        d = tl.arange(0, D)
+
+        i = tl.arange(0, BLOCK_Q)
+        q_ok = i < G * n
+        t = i % n
+        q_rows = r * n + t
+        q = _rotary_rows(qkv_ptr, QKV, q_rows, (h * G + i // n) * D, start + t, cos_ptr, sin_ptr, q_ok, D)
+
+        p = c * CHUNK + tl.arange(0, CHUNK)
+        old = p < start
+        new = (p >= start) & (p < start + n)
+        cache_off = ((r * KV_HEADS + h) * max_length + p)[:, None] * D + d[None, :]
+        # Keys: cached ones from the cache; this step's from q/k/v, rotated, written to the cache.
+        new_rows = r * n + (p - start)
+        k_new = _rotary_rows(qkv_ptr, QKV, new_rows, tl.zeros_like(p) + (HEADS + h) * D, p,
+                             cos_ptr, sin_ptr, new, D).to(keys_ptr.dtype.element_ty)
+        tl.store(keys_ptr + cache_off, k_new, mask=new[:, None])
+        k_old = tl.load(keys_ptr + cache_off, mask=old[:, None], other=0.0)
+        k = tl.where(new[:, None], k_new, k_old)
+        v_new = tl.load(qkv_ptr + new_rows[:, None] * QKV + (HEADS + KV_HEADS + h) * D + d[None, :],
+                        mask=new[:, None], other=0.0)
+        tl.store(values_ptr + cache_off, v_new, mask=new[:, None])
+        v_old = tl.load(values_ptr + cache_off, mask=old[:, None], other=0.0)
+        v = tl.where(new[:, None], v_new, v_old)
+
+        scores = tl.dot(q.to(k.dtype), tl.trans(k)) * scale  # (BLOCK_Q, CHUNK), float32
+        visible = (p[None, :] <= (start + t)[:, None]) & q_ok[:, None]
+        scores = tl.where(visible, scores, float("-inf"))
+        row_max = tl.max(scores, axis=1)
+        safe_max = tl.where(row_max == float("-inf"), 0.0, row_max)  # a chunk this row sees nothing of
+        weights = tl.exp(scores - safe_max[:, None])
+        acc = tl.dot(weights.to(v.dtype), v)  # (BLOCK_Q, D)
+        part = ((r * KV_HEADS + h) * chunks + c) * BLOCK_Q + i
+        tl.store(part_acc_ptr + part[:, None] * D + d[None, :], acc)
+        tl.store(part_max_ptr + part, row_max)
+        tl.store(part_sum_ptr + part, tl.sum(weights, axis=1))
+
+    @triton.jit
+    def _attention_combine_kernel(part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, n, chunks,
+                                  HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr,
+                                  BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr):
+        # One query row's partial softmaxes over the chunks merged (BLOCK_C chunks a load, with
+        # a running maximum); out is (rows * n, HEADS * D). Rows past G * n are padding.
+        G: tl.constexpr = HEADS // KV_HEADS
+        rh = tl.program_id(0)
+        i = tl.program_id(1)
+        r = rh // KV_HEADS
+        h = rh % KV_HEADS
+        d = tl.arange(0, D)
+        ci = tl.arange(0, BLOCK_C)
+        run_max = float("-inf")
+        total = 0.0
+        acc = tl.zeros((D,), tl.float32)
+        for c0 in range(0, chunks, BLOCK_C):
+            ok = (c0 + ci) < chunks
+            part = (rh * chunks + c0 + ci) * BLOCK_Q + i
+            maxes = tl.load(part_max_ptr + part, mask=ok, other=float("-inf"))
+            new_max = tl.maximum(run_max, tl.max(maxes))
+            ref = tl.where(new_max == float("-inf"), 0.0, new_max)  # nothing visible yet: all weights 0
+            weights = tl.exp(maxes - ref)
+            rescale = tl.exp(run_max - ref)
+            total = total * rescale + tl.sum(weights * tl.load(part_sum_ptr + part, mask=ok, other=0.0))
+            chunk_acc = tl.load(part_acc_ptr + part[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+            acc = acc * rescale + tl.sum(weights[:, None] * chunk_acc, axis=0)
+            run_max = new_max
+        out = acc / tl.where(total == 0.0, 1.0, total)
+        t = i % n
+        col = (h * G + i // n) * D
+        tl.store(out_ptr + (r * n + t) * (HEADS * D) + col + d, out.to(out_ptr.dtype.element_ty),
+                 mask=(d * 0 + i) < G * n)
+
+
+def attention(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cos: torch.Tensor,
+              sin: torch.Tensor, positions: torch.Tensor, *, heads: int, kv_heads: int) -> torch.Tensor:
+    """Causal attention of the new tokens over the cache, writing their keys and values.
+
+    ``qkv`` ``(rows * n, (heads + 2 * kv_heads) * head_dim)``: this step's
+    projections, before rotary. ``keys``/``values`` ``(rows, kv_heads,
+    max_length, head_dim)``; ``cos``/``sin`` ``(max_length, head_dim)``, the
+    rotary tables by position; ``positions`` ``(n,)`` consecutive, on the device
+    (so a graph replays at whatever position ``positions[0]`` holds): token t
+    sits at ``positions[0] + t`` and sees every cached position up to its own.
+    Returns ``(rows * n, heads * head_dim)``, ready for the output projection.
+    """
+    rows, _, max_length, head_dim = keys.shape
+    n = positions.shape[0]
+    group = heads // kv_heads
+    block_q = max(16, triton.next_power_of_2(group * n))
+    chunks = triton.cdiv(max_length, CHUNK)
+    parts = rows * kv_heads * chunks * block_q
+    part_acc = torch.empty((parts, head_dim), dtype=torch.float32, device=qkv.device)
+    part_max = torch.empty(parts, dtype=torch.float32, device=qkv.device)
+    part_sum = torch.empty_like(part_max)
+    out = torch.empty((rows * n, heads * head_dim), dtype=qkv.dtype, device=qkv.device)
+    qkv = qkv.contiguous()
+    _attention_chunk_kernel[(rows * kv_heads, chunks)](
+        qkv, keys, values, cos, sin, positions, part_acc, part_max, part_sum, n, max_length, chunks,
+        head_dim**-0.5, HEADS=heads, KV_HEADS=kv_heads, D=head_dim, BLOCK_Q=block_q, CHUNK=CHUNK, num_warps=4)
+    _attention_combine_kernel[(rows * kv_heads, block_q)](
+        part_acc, part_max, part_sum, out, n, chunks, HEADS=heads, KV_HEADS=kv_heads, D=head_dim,
+        BLOCK_Q=block_q, BLOCK_C=min(32, triton.next_power_of_2(chunks)), num_warps=2)
+    return out

@@ -1,0 +1,172 @@
+"""The decode kernels (``decoders.decode_kernels``) compute what the fused layer computes.
+
+On a machine without a GPU they run under Triton's interpreter (tests/conftest.py
+sets it), in float16 (the interpreter's bfloat16 matrix products are wrong);
+on a GPU in bfloat16 and float16. Each fused step is checked against the plain
+PyTorch it replaces, and the whole kernel layer against ``fused.decoder_layer``
+through the engine, including multi-token (verification) steps and cache rows.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from decoders import decode_kernels as K
+from decoders import fused, static
+
+pytestmark = pytest.mark.skipif(K.triton is None, reason="triton is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float16, torch.bfloat16] if DEVICE == "cuda" else [torch.float16]
+
+
+def _rand(*shape, dtype, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(dtype=dtype, device=DEVICE)
+
+
+def _close(got, expected, dtype):
+    # One rounding of the output in the model's dtype apart (float32 accumulation both ways).
+    tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
+    torch.testing.assert_close(got.float(), expected.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 5, 20])
+def test_gemv_steps_match_torch(dtype, rows):
+    """Plain, bias, norm prologue, residual and SiLU-gated forms; K not a multiple of the block."""
+    k, n = 96, 48
+    x = _rand(rows, k, dtype=dtype, seed=0)
+    w = _rand(2 * n, k, dtype=dtype, seed=1, scale=k**-0.5)
+    b = _rand(2 * n, dtype=dtype, seed=2)
+    ln = _rand(k, dtype=dtype, seed=3)
+    res = _rand(rows, n, dtype=dtype, seed=4)
+    normed = fused._rms_norm(x, ln, 1e-6)
+    _close(K.gemv(x, w[:n]), F.linear(x, w[:n]), dtype)
+    _close(K.gemv(x, w[:n], b[:n], residual=res), res + F.linear(x, w[:n], b[:n]), dtype)
+    _close(K.gemv(x, w, b, norm=ln, eps=1e-6), F.linear(normed, w, b), dtype)
+    _close(K.gemv(x, w, b, norm=ln, eps=1e-6, gated=True), fused.mlp_in(normed, w, b), dtype)
+
+
+def test_gemv_rows_are_independent():
+    """A row's result is bit-identical whatever else is fed with it (no batch-dependent order)."""
+    dtype = DTYPES[-1]
+    x = _rand(7, 128, dtype=dtype, seed=5)
+    w = _rand(64, 128, dtype=dtype, seed=6)
+    ln = _rand(128, dtype=dtype, seed=7)
+    together = K.gemv(x, w, norm=ln, eps=1e-6)
+    for i in (0, 3, 6):
+        assert torch.equal(K.gemv(x[i:i + 1], w, norm=ln, eps=1e-6)[0], together[i])
+
+
+def test_gemv_refuses_a_prompt():
+    x = _rand(K.MAX_ROWS + 1, 32, dtype=torch.float16, seed=0)
+    with pytest.raises(ValueError, match="at most"):
+        K.gemv(x, _rand(16, 32, dtype=torch.float16, seed=1))
+
+
+def _reference_attention(qkv, keys, values, cos, sin, start, n, heads, kv_heads):
+    """``fused.attention_block``'s attention part on copies of the cache."""
+    rows, _, max_length, d = keys.shape
+    keys, values = keys.clone(), values.clone()
+    positions = torch.arange(start, start + n, device=qkv.device)
+    q, k, v = qkv.view(rows, n, -1).split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    c, s = cos[positions], sin[positions]
+    q = fused._rotate(q.view(rows, n, heads, d).transpose(1, 2), c, s)
+    keys.index_copy_(2, positions, fused._rotate(k.reshape(rows, n, kv_heads, d).transpose(1, 2), c, s))
+    values.index_copy_(2, positions, v.reshape(rows, n, kv_heads, d).transpose(1, 2))
+    visible = torch.arange(max_length, device=qkv.device).view(1, -1) <= positions.view(-1, 1)
+    mask = torch.zeros(visible.shape, device=qkv.device).masked_fill(~visible, float("-inf"))
+    q = q.reshape(rows, kv_heads, (heads // kv_heads) * n, d)
+    scores = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * d**-0.5 + mask.repeat(heads // kv_heads, 1)
+    attn = torch.matmul(torch.softmax(scores, dim=-1), values.float()).to(qkv.dtype)
+    return attn.view(rows, heads, n, d).transpose(1, 2).reshape(rows * n, heads * d), keys, values
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,n,start,heads,kv_heads", [
+    (1, 1, 70, 4, 2),     # a decode step, the new token in the second chunk
+    (1, 5, 61, 4, 2),     # a verification block across a chunk boundary
+    (2, 3, 10, 4, 4),     # two cache rows (beams), no grouping
+    (1, 1, 0, 6, 2),      # the first position
+])
+def test_attention_matches_the_layers_attention(dtype, rows, n, start, heads, kv_heads):
+    d, max_length = 16, 160
+    qkv = _rand(rows * n, (heads + 2 * kv_heads) * d, dtype=dtype, seed=8)
+    keys = _rand(rows, kv_heads, max_length, d, dtype=dtype, seed=9)
+    values = _rand(rows, kv_heads, max_length, d, dtype=dtype, seed=10)
+    angles = torch.arange(max_length).view(-1, 1) * torch.rand(1, d // 2, generator=torch.Generator().manual_seed(11))
+    cos = torch.cat([angles.cos()] * 2, dim=-1).to(dtype=dtype, device=DEVICE)
+    sin = torch.cat([angles.sin()] * 2, dim=-1).to(dtype=dtype, device=DEVICE)
+    expected, expected_keys, expected_values = _reference_attention(qkv, keys, values, cos, sin, start, n,
+                                                                    heads, kv_heads)
+    positions = torch.arange(start, start + n, device=DEVICE)
+    got = K.attention(qkv, keys, values, cos, sin, positions, heads=heads, kv_heads=kv_heads)
+    _close(got, expected, dtype)
+    _close(keys, expected_keys, dtype)  # this step's keys rotated into the cache, the rest untouched
+    assert torch.equal(values, expected_values)
+
+
+def _tiny_qwen(dtype, seed=0):
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(std=0.5)
+    return model.to(dtype=dtype, device=DEVICE)
+
+
+@pytest.mark.parametrize("rows,n", [(1, 1), (1, 5), (3, 2)])
+def test_kernel_layers_match_the_fused_layer(rows, n, monkeypatch):
+    """The engine's kernel path gives the eager layer's logits and cache, at any step shape
+    (the engine takes it for one-row steps only: ``fused.KERNEL_ROWS``)."""
+    monkeypatch.setattr(fused, "KERNEL_ROWS", K.MAX_ROWS)
+    dtype = DTYPES[-1]
+    model = _tiny_qwen(dtype)
+    ids = torch.randint(0, 97, (rows, 40 + n), generator=torch.Generator().manual_seed(12)).to(DEVICE)
+    with torch.inference_mode():
+        cache = static.StaticCachedModel(model, rows=rows, max_length=128, graphs=False)
+        engine = cache.engine
+        engine.kernels = True
+        cache(ids[:1, :40].expand(1, 40))  # the prompt, eagerly, into every row
+        cache._width = rows
+        cache._start.fill_(40)
+        positions = cache._start + cache._kv_index[:n]
+        mask = torch.zeros(n, 128, device=DEVICE)  # unused by the kernels (they compute the causal mask)
+        keys_before = engine.keys.clone()
+        got = engine(ids[:, 40:], positions, mask, keep=n, compiled=True)
+        keys_kernels, engine.keys[:] = engine.keys.clone(), keys_before
+        visible = cache._kv_index.view(1, -1) <= positions.view(-1, 1)
+        mask = torch.zeros(visible.shape, dtype=dtype, device=DEVICE).masked_fill(~visible, torch.finfo(dtype).min)
+        expected = engine(ids[:, 40:], positions, mask, keep=n, compiled=False)
+    _close(got, expected, dtype)
+    _close(keys_kernels, engine.keys, dtype)
+
+
+def test_engine_takes_kernels_only_on_a_gpu():
+    model = _tiny_qwen(DTYPES[-1])
+    engine = fused.FusedForward(model, rows=1, max_length=64)
+    assert engine.kernels == (DEVICE == "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k,gated", [
+    (2048, 1536, False), (1536, 1536, False), (8960, 1536, True), (1536, 8960, False), (151936, 1536, False),
+    (960, 576, False), (1536, 576, True), (576, 1536, False), (49152, 576, False), (896, 4864, False),
+])
+def test_gemv_default_configs_on_real_layer_shapes(n, k, gated):
+    """The launch configurations the decoders use (``gemv_config``) on Qwen2.5 and SmolLM2 matrices."""
+    x = _rand(1, k, dtype=torch.bfloat16, seed=15)
+    w = _rand(2 * n if gated else n, k, dtype=torch.bfloat16, seed=16, scale=k**-0.5)
+    ln = _rand(k, dtype=torch.bfloat16, seed=17)
+    res = _rand(1, n, dtype=torch.bfloat16, seed=18)
+    normed = fused._rms_norm(x, ln, 1e-6)
+    if gated:
+        _close(K.gemv(x, w, norm=ln, eps=1e-6, gated=True), fused.mlp_in(normed, w, None), torch.bfloat16)
+    else:
+        _close(K.gemv(x, w, residual=res), res + F.linear(x, w), torch.bfloat16)
