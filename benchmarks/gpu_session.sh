@@ -9,7 +9,8 @@
 #   train-eagle  train the SmolLM2 EAGLE head into harness/assets/smollm2_eagle (skipped when present)
 #   gpu-tests    the GPU tests of the fast path (pytest -m gpu)
 #   kernels      the decode kernels: their tests on the GPU, every launch configuration of every layer
-#                matrix (gemv_configs.py), one step per model shape against the compiled layer (step_profile.py)
+#                matrix (gemv_configs.py), one step per model shape against the compiled layer (step_profile.py),
+#                and a 5-token step with the tensor-core kernel forced on (fused.KERNEL_ROWS = 16)
 #   pace         every decoder at its defaults on the SmolLM2 pair (eagle included), greedy and T=1
 #   pace-eagle   the same for sampling, specdecode and eagle only
 #   pace-qwen    the same on the Qwen pair
@@ -65,7 +66,11 @@ for s in $steps; do
     $py benchmarks/gemv_configs.py ${GEMV_ARGS:-} --out "$out/gemv-configs.json" 2>&1 | grep --line-buffered -v -i warn
     step "decode kernels: one step per model shape"
     $py benchmarks/step_profile.py --models ${STEP_MODELS:-qwen2.5-1.5b,qwen2.5-0.5b,smollm2-135m,llama2-7b} \
-      --variants default,compiled-layer --out "$out/step-profile.json" 2>&1 | grep --line-buffered -v -i warn ;;
+      --variants default,compiled-layer --out "$out/step-profile.json" 2>&1 | grep --line-buffered -v -i warn
+    step "decode kernels: a 5-token step (a verification), kernels forced on for it"
+    $py benchmarks/step_profile.py --tokens 5 --kernel-rows 16 --table-variants none \
+      --models qwen2.5-1.5b,smollm2-135m,qwen2.5-0.5b --variants default,compiled-layer \
+      --out "$out/step-profile-5-tokens.json" 2>&1 | grep --line-buffered -v -i warn ;;
   pace)
     step "every decoder at its defaults, SmolLM2 pair, greedy and T=1, chat and code prompts, HF anchors"
     $py benchmarks/gpu_decoding.py --sections pace --pairs smollm2 --prompts 6 --anchor-prompts 2 --new-tokens 128 \

@@ -123,11 +123,16 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--table-variants", default="default", help="variants whose kernel table is printed")
     ap.add_argument("--repeats", type=int, default=200)
+    ap.add_argument("--tokens", type=int, default=1, help="tokens per step (gamma + 1 for a verification)")
+    ap.add_argument("--kernel-rows", type=int, default=None,
+                    help="steps of up to this many rows take the decode kernels (default: fused.KERNEL_ROWS)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    if args.kernel_rows is not None:
+        fused.KERNEL_ROWS = args.kernel_rows
     bandwidth = copy_bandwidth()
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bandwidth_Bps": bandwidth,
-              "models": {}}
+              "tokens": args.tokens, "models": {}}
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     table_variants = set(args.table_variants.split(","))
     with torch.inference_mode():
@@ -148,7 +153,7 @@ def main() -> None:
                     patch = inductor_config.patch(coordinate_descent_tuning=variant != "no-cdt")
                     with patch:
                         cache(torch.randint(0, 1000, (1, FILLED), device="cuda"), keep=1)
-                        ms = replay_ms(cache, 1, args.repeats)
+                        ms = replay_ms(cache, args.tokens, args.repeats)
                         setup_s = time.perf_counter() - t0
                         row = {"ms": ms, "x_weight_floor": ms / floor_ms, "setup_s": setup_s}
                         print(f"{name:14s} {variant:9s} {ms:.3f} ms ({ms / floor_ms:.2f}x weight floor "

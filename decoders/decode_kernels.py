@@ -22,14 +22,15 @@ a whole row must be complete:
 
 Numerics follow transformers' order of rounding where it is observable (the norm
 in float32, rounded, then scaled; matmul outputs rounded before the residual or
-the activation), with float32 accumulation throughout. Up to ``ROW_KERNEL_ROWS``
-rows, a row's result does not depend on how many rows are fed (every row takes
-the same reduction order).
+the activation), with float32 accumulation throughout. Results are
+deterministic (a split reduction sums its splits in a fixed order), and on the
+tensor-core kernel (2-16 rows share one 16-row tile) a row's result does not
+depend on how many rows are fed with it.
 
 Only the shapes of a decode step: at most ``MAX_ROWS`` rows, fp16/bf16 weights,
 a power-of-two head size. ``supports`` says whether a model fits; the caller
 (``decoders.fused``) runs its other forward otherwise, and for steps of more than
-one row (``fused.KERNEL_ROWS`` says why). On a machine without a
+``fused.KERNEL_ROWS`` rows. On a machine without a
 GPU the kernels still run under Triton's interpreter (``TRITON_INTERPRET=1``),
 which is how the CPU tests check them.
 """
@@ -65,9 +66,12 @@ def available(device: torch.device) -> bool:
 
 # --- matrix-vector products -------------------------------------------------------------------
 
-# Up to this many rows a launch reduces row by row (every row alike, whatever
-# the count: the exactness above); more (beam search's blocks) use tensor cores.
-ROW_KERNEL_ROWS = 8
+# Up to this many rows a launch reduces row by row on CUDA cores; more use tensor
+# cores, where 5 rows should cost what 1 does (the row kernel took 2.8x cuBLAS for 5
+# rows of Qwen2.5-1.5B's gate/up, benchmarks/gemv_configs.py). The tensor-core kernel
+# with split K is checked on the CPU only so far; fused.KERNEL_ROWS keeps the
+# decoders off it until it is timed on a GPU.
+ROW_KERNEL_ROWS = 1
 
 
 @functools.cache
@@ -171,12 +175,19 @@ if triton is not None:
         _epilogue(acc, acc_up, rm, rn, M, N, y_ptr, bias_ptr, res_ptr, BIAS, RESIDUAL, GATED, dtype)
 
     @triton.jit
-    def _gemv_dot_kernel(x_ptr, w_ptr, y_ptr, norm_ptr, bias_ptr, res_ptr, M, N, K, eps,
+    def _gemv_dot_kernel(x_ptr, w_ptr, y_ptr, norm_ptr, bias_ptr, res_ptr, part_ptr, lock_ptr, M, N, K, eps,
                          NORM: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        # The same for a block of BLOCK_M rows on tensor cores (float32 accumulation).
-        rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         SPLIT_K: tl.constexpr):
+        # The same for a block of BLOCK_M rows on tensor cores (float32 accumulation), K split
+        # over SPLIT_K programs so that a narrow output still fills the GPU. Each split stores
+        # its float32 partial; the last to arrive at the tile's counter sums them in split
+        # order (deterministic: no float atomics), applies the epilogue and resets the counter.
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
         m_ok = rm < M
         n_ok = rn < N
@@ -185,7 +196,9 @@ if triton is not None:
             rstd = _row_rstd(x_ptr, rm, M, K, eps, BLOCK_M, BLOCK_K)
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+        k_end = tl.minimum((pid_k + 1) * k_per_split, K)
+        for k0 in range(pid_k * k_per_split, k_end, BLOCK_K):
             k_ok = (k0 + rk) < K
             xs = tl.load(x_ptr + rm[:, None] * K + (k0 + rk)[None, :], mask=m_ok[:, None] & k_ok[None, :],
                          other=0.0)
@@ -198,7 +211,47 @@ if triton is not None:
             if GATED:
                 ws = tl.load(w_ptr + (rn + N)[:, None] * K + (k0 + rk)[None, :], mask=w_ok, other=0.0)
                 acc_up += tl.dot(xs, tl.trans(ws))
-        _epilogue(acc, acc_up, rm, rn, M, N, y_ptr, bias_ptr, res_ptr, BIAS, RESIDUAL, GATED, dtype)
+        if SPLIT_K == 1:
+            _epilogue(acc, acc_up, rm, rn, M, N, y_ptr, bias_ptr, res_ptr, BIAS, RESIDUAL, GATED, dtype)
+        else:
+            rows_padded = tl.num_programs(1) * BLOCK_M
+            tile_ok = m_ok[:, None] & n_ok[None, :]
+            tile = rm[:, None] * N + rn[None, :]
+            split_size = rows_padded * N
+            tl.store(part_ptr + pid_k * split_size + tile, acc, mask=tile_ok)
+            if GATED:
+                tl.store(part_ptr + (SPLIT_K + pid_k) * split_size + tile, acc_up, mask=tile_ok)
+            tl.debug_barrier()  # every thread's partial is written before the counter moves
+            lock = lock_ptr + pid_m * tl.num_programs(0) + pid_n
+            if tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
+                acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+                acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+                for split in range(SPLIT_K):
+                    acc += tl.load(part_ptr + split * split_size + tile, mask=tile_ok, other=0.0,
+                                   cache_modifier=".cg")
+                    if GATED:
+                        acc_up += tl.load(part_ptr + (SPLIT_K + split) * split_size + tile, mask=tile_ok,
+                                          other=0.0, cache_modifier=".cg")
+                _epilogue(acc, acc_up, rm, rn, M, N, y_ptr, bias_ptr, res_ptr, BIAS, RESIDUAL, GATED, dtype)
+                tl.atomic_xchg(lock, 0)  # ready for the next launch (and the next graph replay)
+
+
+# Tile counters of split-K launches, per device: every launch leaves them at zero, so
+# launches in one stream (and graph replays) share them. Not for concurrent streams.
+_LOCKS: dict[torch.device, torch.Tensor] = {}
+
+
+def _locks(device: torch.device, count: int) -> torch.Tensor:
+    locks = _LOCKS.get(device)
+    if locks is None or locks.numel() < count:
+        locks = _LOCKS[device] = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
+    return locks
+
+
+def _split_k(tiles: int, k_blocks: int, device: torch.device) -> int:
+    """How many programs share each tile's K: about two programs per multiprocessor in all."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return max(1, min(k_blocks, -(-2 * sms // tiles), 16))
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -218,17 +271,22 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     x = x.contiguous()
     y = torch.empty((m, n), dtype=weight.dtype, device=x.device)
     block_n, block_k, warps, stages = config or gemv_config(n, k, m, gated)
-    if m <= ROW_KERNEL_ROWS:
-        kernel, block_m, grid = _gemv_rows_kernel, ROW_KERNEL_ROWS, (triton.cdiv(n, block_n),)
-    else:
-        block_m = max(16, triton.next_power_of_2(m))
-        kernel, grid = _gemv_dot_kernel, (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
     dummy = weight  # pointer arguments a disabled step never reads
-    kernel[grid](
-        x, weight, y, norm if norm is not None else dummy, bias if bias is not None else dummy,
-        residual.contiguous() if residual is not None else dummy, m, n, k, eps,
-        NORM=norm is not None, BIAS=bias is not None, RESIDUAL=residual is not None, GATED=gated,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+    args = (x, weight, y, norm if norm is not None else dummy, bias if bias is not None else dummy,
+            residual.contiguous() if residual is not None else dummy)
+    flags = dict(NORM=norm is not None, BIAS=bias is not None, RESIDUAL=residual is not None, GATED=gated,
+                 BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+    if m <= ROW_KERNEL_ROWS:
+        # BLOCK_M 8: the kernel as measured (it serves one row; the row loop runs once).
+        _gemv_rows_kernel[(triton.cdiv(n, block_n),)](*args, m, n, k, eps, BLOCK_M=8, **flags)
+        return y
+    block_m = max(16, triton.next_power_of_2(m))
+    tiles = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+    split = _split_k(tiles[0] * tiles[1], triton.cdiv(k, block_k), x.device)
+    parts = torch.empty(((2 if gated else 1) * split * tiles[1] * block_m * n) if split > 1 else 1,
+                        dtype=torch.float32, device=x.device)
+    _gemv_dot_kernel[(*tiles, split)](*args, parts, _locks(x.device, tiles[0] * tiles[1]), m, n, k, eps,
+                                      BLOCK_M=block_m, SPLIT_K=split, **flags)
     return y
 
 

@@ -164,10 +164,12 @@ def mlp_out(x, act, down_w, down_b):
 
 
 # Steps of at most this many rows (tokens fed x cache rows) run decode_kernels.
-# One: the kernels read a weight at 2.7-4.5 TB/s for one row, but their row
-# kernel reduces every further row in turn, so five rows took 2.8x cuBLAS on
-# Qwen2.5-1.5B's gate/up (46.7 against 16.8 us, benchmarks/gemv_configs.py, H200);
-# multi-token steps (verification, beams) keep the compiled layer and cuBLAS.
+# One: the row kernel reads a weight at 2.7-4.5 TB/s for one row but reduces every
+# further row in turn, so five rows took 2.8x cuBLAS on Qwen2.5-1.5B's gate/up
+# (46.7 against 16.8 us, benchmarks/gemv_configs.py, H200). decode_kernels' tensor-core
+# kernel with split K is meant for verifications and beams (up to 16 rows) but has
+# not been timed on a GPU yet (benchmarks/step_profile.py --tokens 5): until it is,
+# multi-token steps keep the compiled layer and cuBLAS.
 KERNEL_ROWS = 1
 
 _compiled_layer = None

@@ -50,15 +50,18 @@ def test_gemv_steps_match_torch(dtype, rows):
     _close(K.gemv(x, w, b, norm=ln, eps=1e-6, gated=True), fused.mlp_in(normed, w, b), dtype)
 
 
-def test_gemv_rows_are_independent():
-    """A row's result is bit-identical whatever else is fed with it (no batch-dependent order)."""
+def test_gemv_rows_are_independent_and_deterministic():
+    """On the tensor-core kernel (2-16 rows, K split over programs) a row's result is
+    bit-identical whatever else is fed with it, and from one launch to the next."""
     dtype = DTYPES[-1]
-    x = _rand(7, 128, dtype=dtype, seed=5)
-    w = _rand(64, 128, dtype=dtype, seed=6)
-    ln = _rand(128, dtype=dtype, seed=7)
-    together = K.gemv(x, w, norm=ln, eps=1e-6)
-    for i in (0, 3, 6):
-        assert torch.equal(K.gemv(x[i:i + 1], w, norm=ln, eps=1e-6)[0], together[i])
+    x = _rand(7, 512, dtype=dtype, seed=5)
+    w = _rand(2 * 64, 512, dtype=dtype, seed=6)
+    ln = _rand(512, dtype=dtype, seed=7)
+    assert K._split_k(4, 512 // K.gemv_config(64, 512, 7)[1], x.device) > 1  # the split path is what runs
+    together = K.gemv(x, w, norm=ln, eps=1e-6, gated=True)
+    assert torch.equal(K.gemv(x, w, norm=ln, eps=1e-6, gated=True), together)
+    for i in (0, 3, 5):
+        assert torch.equal(K.gemv(x[i:i + 2], w, norm=ln, eps=1e-6, gated=True)[0], together[i])
 
 
 def test_gemv_refuses_a_prompt():
@@ -159,12 +162,13 @@ def test_engine_takes_kernels_only_on_a_gpu():
     (2048, 1536, False), (1536, 1536, False), (8960, 1536, True), (1536, 8960, False), (151936, 1536, False),
     (960, 576, False), (1536, 576, True), (576, 1536, False), (49152, 576, False), (896, 4864, False),
 ])
-def test_gemv_default_configs_on_real_layer_shapes(n, k, gated):
+@pytest.mark.parametrize("rows", [1, 5])
+def test_gemv_default_configs_on_real_layer_shapes(n, k, gated, rows):
     """The launch configurations the decoders use (``gemv_config``) on Qwen2.5 and SmolLM2 matrices."""
-    x = _rand(1, k, dtype=torch.bfloat16, seed=15)
+    x = _rand(rows, k, dtype=torch.bfloat16, seed=15)
     w = _rand(2 * n if gated else n, k, dtype=torch.bfloat16, seed=16, scale=k**-0.5)
     ln = _rand(k, dtype=torch.bfloat16, seed=17)
-    res = _rand(1, n, dtype=torch.bfloat16, seed=18)
+    res = _rand(rows, n, dtype=torch.bfloat16, seed=18)
     normed = fused._rms_norm(x, ln, 1e-6)
     if gated:
         _close(K.gemv(x, w, norm=ln, eps=1e-6, gated=True), fused.mlp_in(normed, w, None), torch.bfloat16)
