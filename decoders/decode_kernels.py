@@ -12,8 +12,9 @@ a whole row must be complete:
 
 1. ``gemv`` with the RMS norm in its prologue and the bias in its epilogue: q, k, v;
 2. ``attention``: rotary of q and the new k, their write into the cache, and
-   attention over the cache in chunks (each chunk one program, so a short cache
-   reads only its valid chunks' keys), then a small kernel that combines the
+   attention over the cache in chunks (each chunk one program; a chunk past the
+   cached length loads no keys, though every chunk of the cache's capacity is
+   launched and merged), then a small kernel that combines the
    chunks' partial softmaxes;
 3. ``gemv`` with the residual add in its epilogue: the output projection;
 4. ``gemv`` with the norm in its prologue and SiLU(gate) * up in its epilogue
@@ -236,16 +237,20 @@ if triton is not None:
                 tl.atomic_xchg(lock, 0)  # ready for the next launch (and the next graph replay)
 
 
-# Tile counters of split-K launches, per device: every launch leaves them at zero, so
-# launches in one stream (and graph replays) share them. Not for concurrent streams.
+# Tile counters of split-K launches, per device, made once and never replaced (captured
+# graphs hold their address): every launch leaves them at zero, so launches in one
+# stream and graph replays share them. Not for concurrent streams. A split launch
+# has fewer tiles than twice the multiprocessors (``_split_k``), far below the size.
+_LOCK_COUNT = 4096
 _LOCKS: dict[torch.device, torch.Tensor] = {}
 
 
-def _locks(device: torch.device, count: int) -> torch.Tensor:
-    locks = _LOCKS.get(device)
-    if locks is None or locks.numel() < count:
-        locks = _LOCKS[device] = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
-    return locks
+def _locks(device: torch.device, tiles: int) -> torch.Tensor:
+    if tiles > _LOCK_COUNT:
+        raise ValueError(f"a split-K launch of {tiles} tiles needs more than {_LOCK_COUNT} counters")
+    if device not in _LOCKS:
+        _LOCKS[device] = torch.zeros(_LOCK_COUNT, dtype=torch.int32, device=device)
+    return _LOCKS[device]
 
 
 def _split_k(tiles: int, k_blocks: int, device: torch.device) -> int:
@@ -283,10 +288,14 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     block_m = max(16, triton.next_power_of_2(m))
     tiles = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
     split = _split_k(tiles[0] * tiles[1], triton.cdiv(k, block_k), x.device)
-    parts = torch.empty(((2 if gated else 1) * split * tiles[1] * block_m * n) if split > 1 else 1,
-                        dtype=torch.float32, device=x.device)
-    _gemv_dot_kernel[(*tiles, split)](*args, parts, _locks(x.device, tiles[0] * tiles[1]), m, n, k, eps,
-                                      BLOCK_M=block_m, SPLIT_K=split, **flags)
+    if split > 1:
+        parts = torch.empty((2 if gated else 1) * split * tiles[1] * block_m * n, dtype=torch.float32,
+                            device=x.device)
+        locks = _locks(x.device, tiles[0] * tiles[1])
+    else:
+        parts = locks = y  # unread without a split
+    _gemv_dot_kernel[(*tiles, split)](*args, parts, locks, m, n, k, eps, BLOCK_M=block_m, SPLIT_K=split,
+                                      **flags)
     return y
 
 
@@ -333,7 +342,7 @@ if triton is not None:
 
         p = c * CHUNK + tl.arange(0, CHUNK)
         old = p < start
-        new = (p >= start) & (p < start + n)
+        new = (p >= start) & (p < start + n) & (p < max_length)
         cache_off = ((r * KV_HEADS + h) * max_length + p)[:, None] * D + d[None, :]
         # Keys: cached ones from the cache; this step's from q/k/v, rotated, written to the cache.
         new_rows = r * n + (p - start)

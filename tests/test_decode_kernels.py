@@ -174,3 +174,13 @@ def test_gemv_default_configs_on_real_layer_shapes(n, k, gated, rows):
         _close(K.gemv(x, w, norm=ln, eps=1e-6, gated=True), fused.mlp_in(normed, w, None), torch.bfloat16)
     else:
         _close(K.gemv(x, w, residual=res), res + F.linear(x, w), torch.bfloat16)
+
+
+def test_split_counters_are_one_buffer_for_the_life_of_the_process():
+    """Captured graphs keep the counters' address: a later, wider launch must not replace them."""
+    device = torch.device(DEVICE)
+    first = K._locks(device, 8)
+    K.gemv(_rand(2, 64, dtype=DTYPES[-1], seed=19), _rand(4800, 64, dtype=DTYPES[-1], seed=20))
+    assert K._locks(device, K._LOCK_COUNT) is first
+    with pytest.raises(ValueError, match="counters"):
+        K._locks(device, K._LOCK_COUNT + 1)
