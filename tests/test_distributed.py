@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from tests.test_profile import ROOT, SMOKE
@@ -57,6 +58,16 @@ def test_two_ranks_split_the_cells_exactly(single_run, tmp_path):
     assert info["world_size"] == 2 and info["status"] == "complete"
 
 
+def _rows_in(part: Path) -> int:
+    """Rows of a part file the worker may be replacing as we look: read through one open
+    handle, which keeps the version it opened (reading by path twice can mix two versions)."""
+    try:
+        with open(part, "rb") as handle:
+            return pq.read_metadata(handle).num_rows
+    except FileNotFoundError:
+        return 0
+
+
 def _worker_pid(parent: int, rank: int) -> int | None:
     """PID of the torchrun worker with RANK=rank below ``parent``."""
     for proc in Path("/proc").iterdir():
@@ -91,7 +102,7 @@ def test_killed_rank_is_completed_by_rerunning_the_same_command(single_run, tmp_
     victim = None
     while time.time() < deadline and proc.poll() is None:
         parts = list((run_dir / "generations.parquet").glob("part-01-*-r1-*.parquet"))
-        if parts and len(pd.read_parquet(parts[0])) >= 1:
+        if parts and _rows_in(parts[0]) >= 1:
             victim = _worker_pid(proc.pid, 1)
             break
         time.sleep(0.05)
