@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from decoders import decode_kernels as K
 from decoders import fused, static
+from tests.test_fused import build
 
 pytestmark = pytest.mark.skipif(K.triton is None, reason="triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -112,16 +112,9 @@ def test_attention_matches_the_layers_attention(dtype, rows, n, start, heads, kv
     assert torch.equal(values, expected_values)
 
 
-def _tiny_qwen(dtype, seed=0):
-    torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    model = Qwen2ForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(std=0.5)
-    return model.to(dtype=dtype, device=DEVICE)
+def _tiny_qwen(dtype):
+    """test_fused's tiny Qwen2 (biases that matter) in ``dtype`` on this machine's device."""
+    return build("qwen2").to(dtype=dtype, device=DEVICE)
 
 
 @pytest.mark.parametrize("rows,n", [(1, 1), (1, 5), (3, 2)])
@@ -136,7 +129,7 @@ def test_kernel_layers_match_the_fused_layer(rows, n, monkeypatch):
         cache = static.StaticCachedModel(model, rows=rows, max_length=128, graphs=False)
         engine = cache.engine
         engine.kernels = True
-        cache(ids[:1, :40].expand(1, 40))  # the prompt, eagerly, into every row
+        cache(ids[:1, :40])  # the prompt, eagerly, into every row
         cache._width = rows
         cache._start.fill_(40)
         positions = cache._start + cache._kv_index[:n]
