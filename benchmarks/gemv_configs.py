@@ -31,7 +31,7 @@ from decoders import decode_kernels as K  # noqa: E402
 
 
 def matrices(name: str) -> dict[str, dict]:
-    """The four launches of a layer: weight shape and fused steps."""
+    """The four matrix launches of a layer and the output head: weight shape and fused steps."""
     c = SHAPES[name][2]
     hidden, inter = c["hidden_size"], c["intermediate_size"]
     head_dim = hidden // c["num_attention_heads"]
