@@ -12,7 +12,9 @@ dominate and how far each is from its bytes. Variants are tried side by side in
 one process (the default first):
 
 - ``default``: what the decoders run (``decoders.decode_kernels``: six Triton
-  kernels a layer).
+  kernels a layer, each launched to overlap the one before: programmatic
+  dependent launch).
+- ``no-pdl``: the same kernels launched one after another.
 - ``compiled-layer``: the layer under ``torch.compile`` in three regions with
   coordinate-descent tuning (``fused.compiled_layer``, the form before the kernels).
 - ``one-region``: the whole layer as one compiled function (the form before
@@ -41,9 +43,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_cost import CACHE, FILLED, build, copy_bandwidth, replay_ms  # noqa: E402
 
-from decoders import fused, static  # noqa: E402
+from decoders import decode_kernels, fused, static  # noqa: E402
 
-VARIANTS = ("default", "compiled-layer", "one-region", "no-cdt", "sdpa", "stack", "autotune")
+VARIANTS = ("default", "no-pdl", "compiled-layer", "one-region", "no-cdt", "sdpa", "stack", "autotune")
 
 
 def sdpa_attention(x, cos, sin, mask, keys, values, positions, ln1, qkv_w, qkv_b, o_w, o_b, ln2, *,
@@ -95,16 +97,16 @@ class _Stacked:
         return self._compiled(tokens, positions, mask, keep, features=features, hidden=hidden)
 
 
-def kernel_table(cache: static.StaticCachedModel, steps: int = 20) -> list[dict]:
-    """Mean microseconds per step of every kernel name, over ``steps`` eager compiled forwards."""
-    tokens = torch.randint(0, 1000, (1, 1), device="cuda")
+def kernel_table(cache: static.StaticCachedModel, n: int, steps: int = 20) -> list[dict]:
+    """Mean microseconds per step of every kernel name, over ``steps`` eager compiled ``n``-token forwards."""
+    tokens = torch.randint(0, 1000, (1, n), device="cuda")
     forward = cache._compiled_forward or cache._forward
     cache._start.fill_(FILLED)
-    forward((tokens,), 1)
+    forward((tokens,), n)
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            forward((tokens,), 1)
+            forward((tokens,), n)
         torch.cuda.synchronize()
     total = collections.defaultdict(float)
     count = collections.Counter()
@@ -146,7 +148,8 @@ def main() -> None:
                 try:
                     set_variant(variant)
                     cache = static.StaticCachedModel(model, 1, CACHE, graphs=True, compile=variant != "stack")
-                    cache.engine.kernels = cache.engine.kernels and variant == "default"
+                    cache.engine.kernels = cache.engine.kernels and variant in ("default", "no-pdl")
+                    decode_kernels.PDL = variant != "no-pdl"
                     if variant == "stack":
                         cache.engine = _Stacked(cache.engine)
                         cache.compiled = True
@@ -159,7 +162,7 @@ def main() -> None:
                         print(f"{name:14s} {variant:9s} {ms:.3f} ms ({ms / floor_ms:.2f}x weight floor "
                               f"{floor_ms:.3f}), set-up {setup_s:.0f} s", flush=True)
                         if variant in table_variants:
-                            table = kernel_table(cache)
+                            table = kernel_table(cache, args.tokens)
                             row["kernels"] = table
                             summed = sum(r["us_per_step"] for r in table)
                             print(f"  kernels: {sum(r['calls_per_step'] for r in table):.0f} per step, "
@@ -174,6 +177,7 @@ def main() -> None:
                 finally:
                     static.release_all()
                     fused._compiled_layer = None
+                    decode_kernels.PDL = True
                 if args.out:
                     args.out.parent.mkdir(parents=True, exist_ok=True)
                     args.out.write_text(json.dumps(result, indent=1))

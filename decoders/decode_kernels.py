@@ -12,10 +12,10 @@ a whole row must be complete:
 
 1. ``gemv`` with the RMS norm in its prologue and the bias in its epilogue: q, k, v;
 2. ``attention``: rotary of q and the new k, their write into the cache, and
-   attention over the cache in chunks (each chunk one program; a chunk past the
-   cached length loads no keys, though every chunk of the cache's capacity is
-   launched and merged), then a small kernel that combines the
-   chunks' partial softmaxes;
+   attention over the cache in chunks (each chunk one program; every chunk of the
+   cache's capacity is launched, since a graph replays at any position, but one
+   past the new tokens returns at once and is not merged), then a small kernel
+   that combines the chunks' partial softmaxes;
 3. ``gemv`` with the residual add in its epilogue: the output projection;
 4. ``gemv`` with the norm in its prologue and SiLU(gate) * up in its epilogue
    (each program computes matching gate and up columns);
@@ -45,6 +45,7 @@ import torch
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # CPU-only installs: the fused forward's other paths serve
     triton = None
 
@@ -65,13 +66,25 @@ def available(device: torch.device) -> bool:
     return triton is not None and device.type == "cuda"
 
 
+# Programmatic dependent launch (Hopper and later): each kernel is let start while
+# the one before it finishes, loads what no kernel of the step writes (its weights,
+# the cache before this step's positions, the position) and only then waits for the
+# one before. A decode step is ~150-200 small launches whose own latency is most of
+# their time (benchmarks/step_profile.py), so overlapping each one's start and first
+# loads with the tail of the last is the point. False turns it off (the benchmark's
+# ``no-pdl`` variant); the interpreter never uses it.
+PDL = True
+
+
+def _pdl(device: torch.device) -> bool:
+    return PDL and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 # --- matrix-vector products -------------------------------------------------------------------
 
 # Up to this many rows a launch reduces row by row on CUDA cores; more use tensor
-# cores, where 5 rows should cost what 1 does (the row kernel took 2.8x cuBLAS for 5
-# rows of Qwen2.5-1.5B's gate/up, benchmarks/gemv_configs.py). The tensor-core kernel
-# with split K is checked on the CPU only so far; fused.KERNEL_ROWS keeps the
-# decoders off it until it is timed on a GPU.
+# cores (the row kernel took 2.8x cuBLAS for 5 rows of Qwen2.5-1.5B's gate/up, the
+# tensor-core kernel 1.5x: benchmarks/gemv_configs.py --rows 5, H200).
 ROW_KERNEL_ROWS = 1
 
 
@@ -143,7 +156,8 @@ if triton is not None:
     @triton.jit
     def _gemv_rows_kernel(x_ptr, w_ptr, y_ptr, norm_ptr, bias_ptr, res_ptr, M, N, K, eps,
                           NORM: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          PDL: tl.constexpr):
         # y[m, n] = epilogue(sum_k prologue(x)[m, k] * w[n, k]) for M <= BLOCK_M rows: each weight
         # tile is read once and reduced against every row in turn (CUDA cores, float32).
         rm = tl.arange(0, BLOCK_M)
@@ -151,6 +165,9 @@ if triton is not None:
         rk = tl.arange(0, BLOCK_K)
         n_ok = rn < N
         dtype = w_ptr.dtype.element_ty
+        if PDL:  # everything this kernel reads but its weights comes from the kernels before
+            gdc_launch_dependents()
+            gdc_wait()
         if NORM:
             rstd = _row_rstd(x_ptr, rm, M, K, eps, BLOCK_M, BLOCK_K)
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
@@ -283,7 +300,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
                  BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     if m <= ROW_KERNEL_ROWS:
         # BLOCK_M 8: the kernel as measured (it serves one row; the row loop runs once).
-        _gemv_rows_kernel[(triton.cdiv(n, block_n),)](*args, m, n, k, eps, BLOCK_M=8, **flags)
+        pdl = _pdl(x.device)
+        _gemv_rows_kernel[(triton.cdiv(n, block_n),)](*args, m, n, k, eps, BLOCK_M=8, PDL=pdl, launch_pdl=pdl,
+                                                      **flags)
         return y
     block_m = max(16, triton.next_power_of_2(m))
     tiles = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
@@ -322,59 +341,67 @@ if triton is not None:
     def _attention_chunk_kernel(qkv_ptr, keys_ptr, values_ptr, cos_ptr, sin_ptr, positions_ptr,
                                 part_acc_ptr, part_max_ptr, part_sum_ptr, n, max_length, chunks, scale,
                                 HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr,
-                                BLOCK_Q: tl.constexpr, CHUNK: tl.constexpr):
+                                BLOCK_Q: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
         # One program: cache row r, KV head h, cache positions [c * CHUNK, (c + 1) * CHUNK).
         # Its queries are the G = HEADS / KV_HEADS query heads of h times the n new tokens,
-        # as query row i = g * n + t (head h * G + g, token t).
+        # as query row i = g * n + t (head h * G + g, token t). A chunk past the new tokens
+        # does nothing (the combine reads only the chunks up to them).
         G: tl.constexpr = HEADS // KV_HEADS
         QKV: tl.constexpr = (HEADS + 2 * KV_HEADS) * D
         r = tl.program_id(0) // KV_HEADS
         h = tl.program_id(0) % KV_HEADS
         c = tl.program_id(1)
         start = tl.load(positions_ptr)  # the new tokens sit at start .. start + n - 1
-        d = tl.arange(0, D)
+        if c * CHUNK < start + n:
+            d = tl.arange(0, D)
+            p = c * CHUNK + tl.arange(0, CHUNK)
+            old = p < start
+            new = (p >= start) & (p < start + n) & (p < max_length)
+            cache_off = ((r * KV_HEADS + h) * max_length + p)[:, None] * D + d[None, :]
+            # The cached keys and values first: no kernel of this step writes them, so with
+            # PDL their loads overlap the q/k/v projection's tail.
+            k_old = tl.load(keys_ptr + cache_off, mask=old[:, None], other=0.0)
+            v_old = tl.load(values_ptr + cache_off, mask=old[:, None], other=0.0)
+            if PDL:
+                gdc_launch_dependents()
+                gdc_wait()
+            i = tl.arange(0, BLOCK_Q)
+            q_ok = i < G * n
+            t = i % n
+            q = _rotary_rows(qkv_ptr, QKV, r * n + t, (h * G + i // n) * D, start + t, cos_ptr, sin_ptr, q_ok, D)
+            # This step's keys from q/k/v, rotated, and its values, written to the cache.
+            new_rows = r * n + (p - start)
+            k_new = _rotary_rows(qkv_ptr, QKV, new_rows, tl.zeros_like(p) + (HEADS + h) * D, p,
+                                 cos_ptr, sin_ptr, new, D).to(keys_ptr.dtype.element_ty)
+            tl.store(keys_ptr + cache_off, k_new, mask=new[:, None])
+            k = tl.where(new[:, None], k_new, k_old)
+            v_new = tl.load(qkv_ptr + new_rows[:, None] * QKV + (HEADS + KV_HEADS + h) * D + d[None, :],
+                            mask=new[:, None], other=0.0)
+            tl.store(values_ptr + cache_off, v_new, mask=new[:, None])
+            v = tl.where(new[:, None], v_new, v_old)
 
-        i = tl.arange(0, BLOCK_Q)
-        q_ok = i < G * n
-        t = i % n
-        q_rows = r * n + t
-        q = _rotary_rows(qkv_ptr, QKV, q_rows, (h * G + i // n) * D, start + t, cos_ptr, sin_ptr, q_ok, D)
-
-        p = c * CHUNK + tl.arange(0, CHUNK)
-        old = p < start
-        new = (p >= start) & (p < start + n) & (p < max_length)
-        cache_off = ((r * KV_HEADS + h) * max_length + p)[:, None] * D + d[None, :]
-        # Keys: cached ones from the cache; this step's from q/k/v, rotated, written to the cache.
-        new_rows = r * n + (p - start)
-        k_new = _rotary_rows(qkv_ptr, QKV, new_rows, tl.zeros_like(p) + (HEADS + h) * D, p,
-                             cos_ptr, sin_ptr, new, D).to(keys_ptr.dtype.element_ty)
-        tl.store(keys_ptr + cache_off, k_new, mask=new[:, None])
-        k_old = tl.load(keys_ptr + cache_off, mask=old[:, None], other=0.0)
-        k = tl.where(new[:, None], k_new, k_old)
-        v_new = tl.load(qkv_ptr + new_rows[:, None] * QKV + (HEADS + KV_HEADS + h) * D + d[None, :],
-                        mask=new[:, None], other=0.0)
-        tl.store(values_ptr + cache_off, v_new, mask=new[:, None])
-        v_old = tl.load(values_ptr + cache_off, mask=old[:, None], other=0.0)
-        v = tl.where(new[:, None], v_new, v_old)
-
-        scores = tl.dot(q.to(k.dtype), tl.trans(k)) * scale  # (BLOCK_Q, CHUNK), float32
-        visible = (p[None, :] <= (start + t)[:, None]) & q_ok[:, None]
-        scores = tl.where(visible, scores, float("-inf"))
-        row_max = tl.max(scores, axis=1)
-        safe_max = tl.where(row_max == float("-inf"), 0.0, row_max)  # a chunk this row sees nothing of
-        weights = tl.exp(scores - safe_max[:, None])
-        acc = tl.dot(weights.to(v.dtype), v)  # (BLOCK_Q, D)
-        part = ((r * KV_HEADS + h) * chunks + c) * BLOCK_Q + i
-        tl.store(part_acc_ptr + part[:, None] * D + d[None, :], acc)
-        tl.store(part_max_ptr + part, row_max)
-        tl.store(part_sum_ptr + part, tl.sum(weights, axis=1))
+            scores = tl.dot(q.to(k.dtype), tl.trans(k)) * scale  # (BLOCK_Q, CHUNK), float32
+            visible = (p[None, :] <= (start + t)[:, None]) & q_ok[:, None]
+            scores = tl.where(visible, scores, float("-inf"))
+            row_max = tl.max(scores, axis=1)
+            safe_max = tl.where(row_max == float("-inf"), 0.0, row_max)  # a chunk this row sees nothing of
+            weights = tl.exp(scores - safe_max[:, None])
+            acc = tl.dot(weights.to(v.dtype), v)  # (BLOCK_Q, D)
+            part = ((r * KV_HEADS + h) * chunks + c) * BLOCK_Q + i
+            tl.store(part_acc_ptr + part[:, None] * D + d[None, :], acc)
+            tl.store(part_max_ptr + part, row_max)
+            tl.store(part_sum_ptr + part, tl.sum(weights, axis=1))
+        elif PDL:
+            gdc_launch_dependents()  # the kernel after may start (it waits for this one to end)
 
     @triton.jit
-    def _attention_combine_kernel(part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, n, chunks,
+    def _attention_combine_kernel(part_acc_ptr, part_max_ptr, part_sum_ptr, positions_ptr, out_ptr, n, chunks,
                                   HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr,
-                                  BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr):
-        # One query row's partial softmaxes over the chunks merged (BLOCK_C chunks a load, with
-        # a running maximum); out is (rows * n, HEADS * D). Rows past G * n are padding.
+                                  BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, CHUNK: tl.constexpr,
+                                  PDL: tl.constexpr):
+        # One query row's partial softmaxes over the chunks holding positions up to the new
+        # tokens merged (BLOCK_C chunks a load, with a running maximum); out is
+        # (rows * n, HEADS * D). Rows past G * n are padding.
         G: tl.constexpr = HEADS // KV_HEADS
         rh = tl.program_id(0)
         i = tl.program_id(1)
@@ -382,11 +409,15 @@ if triton is not None:
         h = rh % KV_HEADS
         d = tl.arange(0, D)
         ci = tl.arange(0, BLOCK_C)
+        used = tl.minimum(tl.cdiv(tl.load(positions_ptr) + n, CHUNK), chunks)
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
         run_max = float("-inf")
         total = 0.0
         acc = tl.zeros((D,), tl.float32)
-        for c0 in range(0, chunks, BLOCK_C):
-            ok = (c0 + ci) < chunks
+        for c0 in range(0, used, BLOCK_C):
+            ok = (c0 + ci) < used
             part = (rh * chunks + c0 + ci) * BLOCK_Q + i
             maxes = tl.load(part_max_ptr + part, mask=ok, other=float("-inf"))
             new_max = tl.maximum(run_max, tl.max(maxes))
@@ -427,10 +458,13 @@ def attention(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cos: 
     part_sum = torch.empty_like(part_max)
     out = torch.empty((rows * n, heads * head_dim), dtype=qkv.dtype, device=qkv.device)
     qkv = qkv.contiguous()
+    pdl = _pdl(qkv.device)
     _attention_chunk_kernel[(rows * kv_heads, chunks)](
         qkv, keys, values, cos, sin, positions, part_acc, part_max, part_sum, n, max_length, chunks,
-        head_dim**-0.5, HEADS=heads, KV_HEADS=kv_heads, D=head_dim, BLOCK_Q=block_q, CHUNK=CHUNK, num_warps=4)
+        head_dim**-0.5, HEADS=heads, KV_HEADS=kv_heads, D=head_dim, BLOCK_Q=block_q, CHUNK=CHUNK, PDL=pdl,
+        num_warps=4, launch_pdl=pdl)
     _attention_combine_kernel[(rows * kv_heads, block_q)](
-        part_acc, part_max, part_sum, out, n, chunks, HEADS=heads, KV_HEADS=kv_heads, D=head_dim,
-        BLOCK_Q=block_q, BLOCK_C=min(32, triton.next_power_of_2(chunks)), num_warps=2)
+        part_acc, part_max, part_sum, positions, out, n, chunks, HEADS=heads, KV_HEADS=kv_heads, D=head_dim,
+        BLOCK_Q=block_q, BLOCK_C=min(32, triton.next_power_of_2(chunks)), CHUNK=CHUNK, PDL=pdl, num_warps=2,
+        launch_pdl=pdl)
     return out

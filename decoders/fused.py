@@ -163,14 +163,15 @@ def mlp_out(x, act, down_w, down_b):
     return x + F.linear(act, down_w, down_b)
 
 
-# Steps of at most this many rows (tokens fed x cache rows) run decode_kernels.
-# One: the row kernel reads a weight at 2.7-4.5 TB/s for one row but reduces every
-# further row in turn, so five rows took 2.8x cuBLAS on Qwen2.5-1.5B's gate/up
-# (46.7 against 16.8 us, benchmarks/gemv_configs.py, H200). decode_kernels' tensor-core
-# kernel with split K is meant for verifications and beams (up to 16 rows) but has
-# not been timed on a GPU yet (benchmarks/step_profile.py --tokens 5): until it is,
-# multi-token steps keep the compiled layer and cuBLAS.
-KERNEL_ROWS = 1
+# Steps of at most this many rows (tokens fed x cache rows) run decode_kernels: a
+# draft step, a verification of gamma + 1 tokens, a few beams. One row takes the row
+# kernel, more the tensor-core kernel; per matrix the latter is slower than cuBLAS
+# (5 rows of Qwen2.5-1.5B's gate/up 27.9 against 18.4 us, benchmarks/gemv_configs.py),
+# but the whole 5-token step is faster than the compiled layer's, its norms, rotary
+# and attention being fused: 1.97 against 2.06 ms (Qwen2.5-1.5B), 1.11 against 1.24
+# (Qwen2.5-0.5B), 0.91 against 1.20 (SmolLM2-135M), H200, benchmarks/step_profile.py
+# --tokens 5. Longer steps (prompts) keep the compiled layer and cuBLAS.
+KERNEL_ROWS = 16
 
 _compiled_layer = None
 
@@ -239,47 +240,47 @@ class FusedForward:
         all ``n`` positions, as ``(logits, states)``.
         """
         w = self.weights
-        layer_fn = compiled_layer() if compiled else decoder_layer
         x = F.embedding(tokens, w.embed)
         if features is not None:
             x = w.fuse(x, features)
         elif w.fuse is not None:
             raise ValueError("this model fuses features with its tokens: pass features=...")
-        if compiled and self.kernels and x.shape[0] * x.shape[1] <= KERNEL_ROWS:
-            return self._kernel_forward(x, positions, keep, hidden)
-        cos, sin = self.cos[positions], self.sin[positions]  # (n, head_dim)
-        mask = mask.float().repeat(self.heads // self.kv_heads, 1)
-        for i, params in enumerate(w.layers):
-            x = layer_fn(x, cos, sin, mask, self.keys[i], self.values[i], positions, *params,
-                         heads=self.heads, kv_heads=self.kv_heads, eps=self.eps)
-        if hidden:
-            states = _rms_norm(x, w.norm, self.eps)
-            return w.head(states[:, -keep:]), states
-        return w.head(_rms_norm(x[:, -keep:], w.norm, self.eps))
+        kernels = compiled and self.kernels and x.shape[0] * x.shape[1] <= KERNEL_ROWS
+        if kernels:
+            x = self._kernel_layers(x, positions)
+        else:
+            layer_fn = compiled_layer() if compiled else decoder_layer
+            cos, sin = self.cos[positions], self.sin[positions]  # (n, head_dim)
+            mask = mask.float().repeat(self.heads // self.kv_heads, 1)
+            for i, params in enumerate(w.layers):
+                x = layer_fn(x, cos, sin, mask, self.keys[i], self.values[i], positions, *params,
+                             heads=self.heads, kv_heads=self.kv_heads, eps=self.eps)
+        # The final norm is one torch kernel over every position on all paths (with and
+        # without ``hidden``, with and without the kernels), so an EAGLE target's logits
+        # are exactly sampling's.
+        states = _rms_norm(x, w.norm, self.eps)
+        kept = states[:, -keep:]
+        if kernels and type(w.head) is torch.nn.Linear:  # not a draft's subset head
+            rows = kept.shape[0]
+            logits = decode_kernels.gemv(kept.reshape(rows * keep, -1), w.head.weight, w.head.bias)
+            logits = logits.view(rows, keep, -1)
+        else:
+            logits = w.head(kept)
+        return (logits, states) if hidden else logits
 
-    def _kernel_forward(self, x: torch.Tensor, positions: torch.Tensor, keep: int, hidden: bool):
-        """The layers and the head (where it is a plain linear map, not a draft's
-        subset head) through ``decode_kernels``: six launches a layer."""
-        w = self.weights
+    def _kernel_layers(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The layers through ``decode_kernels``: six launches a layer."""
         rows, n, width = x.shape
         x = x.reshape(rows * n, width)
-        for i, (ln1, qkv_w, qkv_b, o_w, o_b, ln2, gate_up_w, gate_up_b, down_w, down_b) in enumerate(w.layers):
+        for i, (ln1, qkv_w, qkv_b, o_w, o_b, ln2, gate_up_w, gate_up_b, down_w, down_b) in enumerate(
+                self.weights.layers):
             qkv = decode_kernels.gemv(x, qkv_w, qkv_b, norm=ln1, eps=self.eps)
             attn = decode_kernels.attention(qkv, self.keys[i], self.values[i], self.cos, self.sin, positions,
                                             heads=self.heads, kv_heads=self.kv_heads)
             x = decode_kernels.gemv(attn, o_w, o_b, residual=x)
             act = decode_kernels.gemv(x, gate_up_w, gate_up_b, norm=ln2, eps=self.eps, gated=True)
             x = decode_kernels.gemv(act, down_w, down_b, residual=x)
-        # The final norm stays one torch kernel on both paths (with and without
-        # ``hidden``), so an EAGLE target's logits are exactly sampling's.
-        states = _rms_norm(x.view(rows, n, width), w.norm, self.eps)
-        kept = states[:, -keep:]
-        if type(w.head) is torch.nn.Linear:
-            logits = decode_kernels.gemv(kept.reshape(rows * keep, width), w.head.weight, w.head.bias)
-            logits = logits.view(rows, keep, -1)
-        else:
-            logits = w.head(kept)
-        return (logits, states) if hidden else logits
+        return x.view(rows, n, width)
 
     def select(self, index: torch.Tensor) -> None:
         """Row ``r`` of the cache becomes row ``index[r]`` (in place: graphs read these tensors)."""
