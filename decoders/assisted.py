@@ -123,6 +123,7 @@ class AssistedDecoder(Decoder):
         proposer = self.make_proposer(input_ids)
         seq = input_ids[0]  # prompt + committed tokens
         filters = self.config.filters
+        prepared = False
         while not progress.finished:
             # 1. Draft, never past max_new_tokens: the step's extra token needs a slot.
             budget = min(self.max_draft_tokens, progress.remaining - 1)
@@ -147,6 +148,11 @@ class AssistedDecoder(Decoder):
             progress.timer.mark("accept")
             # 4. Commit; crop the target cache to the committed prefix, the proposer's likewise.
             seq = self._commit(progress, seq, proposal.tokens, n, extra, target, proposer)
+            if not prepared:
+                # Every verification shape (1 .. max_draft_tokens + 1 tokens) captured after the
+                # first step (the prompt's), not when each first occurs (a no-op once captured).
+                target.prepare(range(1, self.max_draft_tokens + 2), filters, proposer.reads_target_features)
+                prepared = True
         return target.forwards, proposer.forwards
 
     @staticmethod

@@ -129,6 +129,9 @@ class CachedModel:
             return filtered_probs(logits, *filters), states
         return filtered_probs(self(tokens, keep, features), *filters)
 
+    def prepare(self, sizes, filters: tuple[float, int, float] | None = None, hidden: bool = False) -> None:
+        """Nothing to warm up: this cache captures no graphs (``static.StaticCachedModel.prepare``)."""
+
     def crop(self, length: int) -> None:
         """Drop cached positions from ``length`` on (rejected draft tokens)."""
         extra = self.length - length

@@ -172,6 +172,30 @@ class StaticCachedModel:
             return out[0][: self._width], out[1][: self._width]
         return out[: self._width]
 
+    def prepare(self, sizes, filters: tuple[float, int, float] | None = None, hidden: bool = False) -> None:
+        """Capture now the graph of each ``n``-token forward keeping all ``n`` (a verification's
+        shape; ``filters``/``hidden`` as the caller will pass them) for ``n`` in ``sizes``, where
+        none is captured yet.
+
+        A shape's first forward captures its graph (and compiles its kernels): about a
+        second, once per process. A caller that knows which shapes it will feed warms
+        them all up front, so a shape first seen late (a draft budget shrinking near
+        ``max_new_tokens``, a proposer drafting fewer) is not captured inside a measured
+        sweep. The forwards write past the cached length, where positions are free, and
+        count in neither ``forwards`` nor ``replays``.
+        """
+        if not self.graphs or self._length == 0:
+            return  # no graphs, or no prefix yet (a first forward runs eagerly)
+        length, forwards = self._length, self.forwards
+        filters = None if filters is None else tuple(filters)
+        for n in sizes:
+            key = (n, n, filters, 1, hidden)
+            if n <= MAX_GRAPHED_TOKENS and key not in self._graphed and length + n <= self.max_length:
+                self._run(torch.zeros((self._width, n), dtype=torch.long, device=self.device), n, filters,
+                          hidden=hidden)
+                self._length = length
+        self.forwards = forwards
+
     def _forward(self, inputs: tuple[torch.Tensor, ...], keep: int, compiled: bool = False,
                  filters: tuple | None = None, hidden: bool = False):
         """One forward at positions ``start .. start + n``; returns float32 logits ``(rows, keep, V)``,

@@ -42,6 +42,21 @@ def test_graphs_decode_like_the_plain_path_at_temperature_0(cuda_tiny, name):
     assert target_cache.replays > len(fast.steps) / 2, "decode steps did not replay graphs"
 
 
+@pytest.mark.parametrize("name", [n for n in DECODERS if n != "sampling"])
+def test_every_verification_shape_is_captured_after_the_first_step(cuda_tiny, name):
+    """A verification shape first fed late (here the draft budget, 2 tokens short of
+    max_new_tokens from the start) is captured in the generation's first step, not inside
+    a later, measured one; a second generation captures nothing."""
+    prompt = cuda_tiny.tokenizer("The quick brown fox", return_tensors="pt").input_ids.cuda()
+    static.release_all()
+    decode(name, cuda_tiny.target, cuda_tiny.draft, prompt, fast="graphs", n=3, temperature=0.0)
+    (target_cache,) = static._POOL[cuda_tiny.target]
+    captured = set(target_cache._graphed)
+    assert {key[0] for key in captured} >= set(range(1, DECODERS[name]["gamma"] + 2))
+    decode(name, cuda_tiny.target, cuda_tiny.draft, prompt, fast="graphs", n=32, temperature=0.0)
+    assert set(target_cache._graphed) == captured
+
+
 @pytest.mark.parametrize("name", list(DECODERS))
 def test_graph_replays_equal_eager_forwards_at_temperature_1(cuda_tiny, name):
     """A replay runs the captured kernels on new inputs: with the same seed (same
