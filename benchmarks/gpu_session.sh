@@ -9,8 +9,8 @@
 #   train-eagle  train the SmolLM2 EAGLE head into harness/assets/smollm2_eagle (skipped when present)
 #   gpu-tests    the GPU tests of the fast path (pytest -m gpu)
 #   kernels      the decode kernels: their tests on the GPU, every launch configuration of every layer
-#                matrix (gemv_configs.py), one step per model shape against the compiled layer (step_profile.py),
-#                and a 5-token step with the tensor-core kernel forced on (fused.KERNEL_ROWS = 16)
+#                matrix for 1 and 5 rows (gemv_configs.py), and a 1-token and a 5-token step per model shape
+#                with and without overlapped launches, against the compiled layer (step_profile.py)
 #   pace         every decoder at its defaults on the SmolLM2 pair (eagle included), greedy and T=1
 #   pace-eagle   the same for sampling, specdecode and eagle only
 #   pace-qwen    the same on the Qwen pair
@@ -62,15 +62,18 @@ for s in $steps; do
   kernels)
     step "decode kernels: tests on the GPU"
     $py -m pytest -q -p no:cacheprovider -m "gpu or not gpu" tests/test_decode_kernels.py 2>&1 | tail -8
-    step "decode kernels: launch configurations"
-    $py benchmarks/gemv_configs.py ${GEMV_ARGS:-} --out "$out/gemv-configs.json" 2>&1 | grep --line-buffered -v -i warn
-    step "decode kernels: one step per model shape"
-    $py benchmarks/step_profile.py --models ${STEP_MODELS:-qwen2.5-1.5b,qwen2.5-0.5b,smollm2-135m,llama2-7b} \
-      --variants default,compiled-layer --out "$out/step-profile.json" 2>&1 | grep --line-buffered -v -i warn
-    step "decode kernels: a 5-token step (a verification), kernels forced on for it"
-    $py benchmarks/step_profile.py --tokens 5 --kernel-rows 16 --table-variants none \
-      --models qwen2.5-1.5b,smollm2-135m,qwen2.5-0.5b --variants default,compiled-layer \
-      --out "$out/step-profile-5-tokens.json" 2>&1 | grep --line-buffered -v -i warn ;;
+    step "decode kernels: launch configurations, one row"
+    $py benchmarks/gemv_configs.py --rows 1 ${GEMV_ARGS:-} --out "$out/gemv-configs.json" 2>&1 \
+      | grep --line-buffered -v -i warn
+    step "decode kernels: launch configurations, five rows (the tensor-core kernel)"
+    $py benchmarks/gemv_configs.py --rows 5 --block-n 16,32,64 --block-k 64,128,256 --warps 2,8 \
+      --out "$out/gemv-configs-5-rows.json" 2>&1 | grep --line-buffered -v -i warn
+    for tokens in 1 5; do
+      step "decode kernels: a $tokens-token step per model shape"
+      $py benchmarks/step_profile.py --tokens $tokens --models ${STEP_MODELS:-qwen2.5-1.5b,qwen2.5-0.5b,smollm2-135m,llama2-7b} \
+        --variants default,no-pdl,compiled-layer --out "$out/step-profile-$tokens-tokens.json" 2>&1 \
+        | grep --line-buffered -v -i warn
+    done ;;
   pace)
     step "every decoder at its defaults, SmolLM2 pair, greedy and T=1, chat and code prompts, HF anchors"
     $py benchmarks/gpu_decoding.py --sections pace --pairs smollm2 --prompts 6 --anchor-prompts 2 --new-tokens 128 \
