@@ -10,7 +10,8 @@
 #   gpu-tests    the GPU tests of the fast path (pytest -m gpu)
 #   kernels      the decode kernels: their tests on the GPU, every launch configuration of every layer
 #                matrix for 1 and 5 rows (gemv_configs.py), and a 1-token and a 5-token step per model shape
-#                with and without overlapped launches, against the compiled layer (step_profile.py)
+#                with and without overlapped launches, against the compiled layer, and the sampling
+#                decoder's loop per token beside the step (step_profile.py)
 #   pace         every decoder at its defaults on the SmolLM2 pair (eagle included), greedy and T=1
 #   pace-eagle   the same for sampling, specdecode and eagle only
 #   pace-qwen    the same on the Qwen pair
@@ -71,7 +72,8 @@ for s in $steps; do
     for tokens in 1 5; do
       step "decode kernels: a $tokens-token step per model shape"
       $py benchmarks/step_profile.py --tokens $tokens --models ${STEP_MODELS:-qwen2.5-1.5b,qwen2.5-0.5b,smollm2-135m,llama2-7b} \
-        --variants default,no-pdl,compiled-layer --out "$out/step-profile-$tokens-tokens.json" 2>&1 \
+        --variants default,no-pdl,compiled-layer $([ "$tokens" = 1 ] && echo --loop) \
+        --out "$out/step-profile-$tokens-tokens.json" 2>&1 \
         | grep --line-buffered -v -i warn
     done ;;
   pace)

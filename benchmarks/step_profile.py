@@ -24,6 +24,11 @@ one process (the default first):
   instead of matmul, softmax, matmul.
 - ``stack``: all layers in one compiled function (fusions across layers).
 - ``autotune``: the layer under ``mode="max-autotune-no-cudagraphs"``.
+
+``--loop`` also times the ``sampling`` decoder's whole loop on the same model
+(greedy and T=1 with top-k 10, top-p 0.9; a 256-token prompt): ms per token,
+beside the step's replay, so what the decoder adds to its forward (the sampling
+draw, buffer copies, the host) is measured in the same process.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_cost import CACHE, FILLED, build, copy_bandwidth, replay_ms  # noqa: E402
 
-from decoders import decode_kernels, fused, static  # noqa: E402
+from decoders import decode_kernels, fused, get_decoder, static  # noqa: E402
 
 VARIANTS = ("default", "no-pdl", "compiled-layer", "one-region", "no-cdt", "sdpa", "stack", "autotune")
 
@@ -119,6 +124,27 @@ def kernel_table(cache: static.StaticCachedModel, n: int, steps: int = 20) -> li
     return sorted(rows, key=lambda r: -r["us_per_step"])
 
 
+def loop_ms_per_token(model: torch.nn.Module, filters: dict, tokens: int = 128) -> float:
+    """Wall ms per token of ``sampling``'s loop: generations of ``tokens + 8`` and 8
+    tokens after the same prompt, differenced (the prompt's forward cancels)."""
+    dec = get_decoder("sampling", target=model, **filters)
+    device = next(model.parameters()).device
+    prompt = torch.randint(0, 1000, (1, FILLED), device=device)
+    dec.generate(prompt, tokens + 8, torch.Generator().manual_seed(0))  # captures every shape
+    times = {}
+    for n in (8, tokens + 8):
+        runs = []
+        for seed in range(3):
+            torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            out = dec.generate(prompt, n, torch.Generator().manual_seed(seed))
+            torch.cuda.synchronize(device)
+            assert len(out.tokens) == n, "the loop stopped early"
+            runs.append(time.perf_counter() - t0)
+        times[n] = min(runs)
+    return 1e3 * (times[tokens + 8] - times[8]) / tokens
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="qwen2.5-1.5b,smollm2-135m")
@@ -128,6 +154,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=1, help="tokens per step (gamma + 1 for a verification)")
     ap.add_argument("--kernel-rows", type=int, default=None,
                     help="steps of up to this many rows take the decode kernels (default: fused.KERNEL_ROWS)")
+    ap.add_argument("--loop", action="store_true", help="also time the sampling decoder's loop per token")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if args.kernel_rows is not None:
@@ -180,6 +207,15 @@ def main() -> None:
                     decode_kernels.PDL = True
                 if args.out:
                     args.out.parent.mkdir(parents=True, exist_ok=True)
+                    args.out.write_text(json.dumps(result, indent=1))
+            if args.loop:
+                for setting, filters in (("greedy", {"temperature": 0.0}),
+                                         ("t1", {"temperature": 1.0, "top_k": 10, "top_p": 0.9})):
+                    ms = loop_ms_per_token(model, filters)
+                    entry[f"sampling_loop_{setting}_ms_per_token"] = ms
+                    print(f"{name:14s} sampling loop, {setting}: {ms:.3f} ms/token", flush=True)
+                static.release_all()
+                if args.out:
                     args.out.write_text(json.dumps(result, indent=1))
             del model
             torch.cuda.empty_cache()
