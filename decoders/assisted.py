@@ -152,6 +152,7 @@ class AssistedDecoder(Decoder):
                 # Every verification shape (1 .. max_draft_tokens + 1 tokens) captured after the
                 # first step (the prompt's), not when each first occurs (a no-op once captured).
                 target.prepare(range(1, self.max_draft_tokens + 2), filters, proposer.reads_target_features)
+                progress.timer.mark("other")  # a capture is not the next step's drafting
                 prepared = True
         return target.forwards, proposer.forwards
 

@@ -45,9 +45,12 @@ import torch
 try:
     import triton
     import triton.language as tl
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # CPU-only installs: the fused forward's other paths serve
     triton = None
+try:  # grid dependency control (Triton 3.4+); without it, kernels launch one after another
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:
+    gdc_launch_dependents = gdc_wait = None
 
 # Rows (tokens fed x cache rows) one launch covers; more (a prompt) goes to cuBLAS.
 MAX_ROWS = 64
@@ -66,18 +69,26 @@ def available(device: torch.device) -> bool:
     return triton is not None and device.type == "cuda"
 
 
-# Programmatic dependent launch (Hopper and later): each kernel is let start while
-# the one before it finishes, loads what no kernel of the step writes (its weights,
-# the cache before this step's positions, the position) and only then waits for the
-# one before. A decode step is ~150-200 small launches whose own latency is most of
-# their time (benchmarks/step_profile.py), so overlapping each one's start and first
-# loads with the tail of the last is the point. False turns it off (the benchmark's
-# ``no-pdl`` variant); the interpreter never uses it.
+# Programmatic dependent launch (Hopper and later) for the row kernel and the two
+# attention kernels: each may start while the one before it finishes, and waits for it
+# before reading anything a kernel of the step wrote; the chunk kernel loads the cache
+# before this step's positions first, the combine the position. A decode step is
+# ~150-200 small launches whose own latency is most of their time, so overlapping each
+# launch with the tail of the last pays: SmolLM2-135M's step 0.64 -> 0.53 ms, 3% on the
+# larger shapes (benchmarks/step_profile.py, variant ``no-pdl``, H200). Fetching the
+# first weight tile before the wait cost registers and time (Qwen2.5-1.5B 1.71 ms, the
+# 7B shape 6.0 against 4.4), and the tensor-core kernel measured slower with it, so both
+# wait first / launch plainly. False turns it off; the interpreter never uses it.
 PDL = True
 
 
+@functools.cache
+def _hopper_or_later(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def _pdl(device: torch.device) -> bool:
-    return PDL and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    return PDL and gdc_wait is not None and device.type == "cuda" and _hopper_or_later(device)
 
 
 # --- matrix-vector products -------------------------------------------------------------------
@@ -165,7 +176,7 @@ if triton is not None:
         rk = tl.arange(0, BLOCK_K)
         n_ok = rn < N
         dtype = w_ptr.dtype.element_ty
-        if PDL:  # everything this kernel reads but its weights comes from the kernels before
+        if PDL:  # x and the residual come from the kernels before: wait at once
             gdc_launch_dependents()
             gdc_wait()
         if NORM:
@@ -391,8 +402,8 @@ if triton is not None:
             tl.store(part_acc_ptr + part[:, None] * D + d[None, :], acc)
             tl.store(part_max_ptr + part, row_max)
             tl.store(part_sum_ptr + part, tl.sum(weights, axis=1))
-        elif PDL:
-            gdc_launch_dependents()  # the kernel after may start (it waits for this one to end)
+        # A skipped program neither waits nor writes (its exit lets the next kernel start);
+        # chunk 0 always runs and waits, so this kernel still ends after the one before.
 
     @triton.jit
     def _attention_combine_kernel(part_acc_ptr, part_max_ptr, part_sum_ptr, positions_ptr, out_ptr, n, chunks,

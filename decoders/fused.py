@@ -255,9 +255,10 @@ class FusedForward:
             for i, params in enumerate(w.layers):
                 x = layer_fn(x, cos, sin, mask, self.keys[i], self.values[i], positions, *params,
                              heads=self.heads, kv_heads=self.kv_heads, eps=self.eps)
-        # The final norm is one torch kernel over every position on all paths (with and
-        # without ``hidden``, with and without the kernels), so an EAGLE target's logits
-        # are exactly sampling's.
+        # The final norm over every position on all paths (with and without ``hidden``,
+        # with and without the kernels, as transformers' own forward does), so a step
+        # that also returns the hidden states (an EAGLE target's) gives the logits a
+        # step of the same shape without them gives.
         states = _rms_norm(x, w.norm, self.eps)
         kept = states[:, -keep:]
         if kernels and type(w.head) is torch.nn.Linear:  # not a draft's subset head

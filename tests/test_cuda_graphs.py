@@ -54,6 +54,7 @@ def test_every_verification_shape_is_captured_after_the_first_step(cuda_tiny, na
     captured = set(target_cache._graphed)
     assert {key[0] for key in captured} >= set(range(1, DECODERS[name]["gamma"] + 2))
     decode(name, cuda_tiny.target, cuda_tiny.draft, prompt, fast="graphs", n=32, temperature=0.0)
+    assert static._POOL[cuda_tiny.target] == [target_cache], "the cache was rebuilt: nothing compared"
     assert set(target_cache._graphed) == captured
 
 

@@ -120,7 +120,8 @@ def _tiny_qwen(dtype):
 @pytest.mark.parametrize("rows,n", [(1, 1), (1, 5), (3, 2)])
 def test_kernel_layers_match_the_fused_layer(rows, n, monkeypatch):
     """The engine's kernel path gives the eager layer's logits and cache, at any step shape
-    (the engine takes it for one-row steps only: ``fused.KERNEL_ROWS``)."""
+    (the engine takes it for steps of up to ``fused.KERNEL_ROWS`` rows; raised here so that
+    every shape tried takes it)."""
     monkeypatch.setattr(fused, "KERNEL_ROWS", K.MAX_ROWS)
     dtype = DTYPES[-1]
     model = _tiny_qwen(dtype)
