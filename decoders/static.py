@@ -156,7 +156,7 @@ class StaticCachedModel:
         self._start.fill_(self._length)
         inputs = (tokens,) if features is None else (tokens, features)
         if self.graphs and n <= MAX_GRAPHED_TOKENS and self._length > 0:
-            key = (n, keep, filters, len(inputs), hidden)
+            key = _graph_key(n, keep, filters, len(inputs), hidden)
             graph = self._graphed.get(key)
             if graph is None:
                 graph = self._graphed[key] = _Graph(self, inputs, keep, filters, hidden)
@@ -189,7 +189,7 @@ class StaticCachedModel:
         length, forwards = self._length, self.forwards
         filters = None if filters is None else tuple(filters)
         for n in sizes:
-            key = (n, n, filters, 1, hidden)
+            key = _graph_key(n, n, filters, 1, hidden)
             if n <= MAX_GRAPHED_TOKENS and key not in self._graphed and length + n <= self.max_length:
                 self._run(torch.zeros((self._width, n), dtype=torch.long, device=self.device), n, filters,
                           hidden=hidden)
@@ -315,6 +315,11 @@ class _Graph:
         # The next replay overwrites the output buffers; callers may keep what they got.
         out = tuple(t.clone() for t in _tensors(self.out))
         return out if isinstance(self.out, tuple) else out[0]
+
+
+def _graph_key(n: int, keep: int, filters: tuple | None, inputs: int, hidden: bool) -> tuple:
+    """What tells one captured forward from another (``_run`` and ``prepare`` build it alike)."""
+    return n, keep, filters, inputs, hidden
 
 
 def _tensors(out) -> tuple[torch.Tensor, ...]:
