@@ -89,6 +89,13 @@ class Proposer(abc.ABC):
         """
         return None
 
+    def prepare(self, max_drafts: int) -> None:
+        """Capture now every forward shape of the drafter's later iterations (drafting at most
+        ``max_drafts`` tokens each); called once, after the generation's first iteration, so
+        that no shape is first captured inside a measured one. The default does nothing.
+        """
+        return None
+
 
 Verdict = tuple[torch.Tensor, torch.Tensor]  # (accepted count n, 0-dim; the token after them, 0-dim)
 
@@ -149,9 +156,11 @@ class AssistedDecoder(Decoder):
             # 4. Commit; crop the target cache to the committed prefix, the proposer's likewise.
             seq = self._commit(progress, seq, proposal.tokens, n, extra, target, proposer)
             if not prepared:
-                # Every verification shape (1 .. max_draft_tokens + 1 tokens) captured after the
-                # first step (the prompt's), not when each first occurs (a no-op once captured).
+                # Every verification shape (1 .. max_draft_tokens + 1 tokens), and every shape the
+                # drafter feeds, captured after the first step (the prompt's), not when each first
+                # occurs (a no-op once captured).
                 target.prepare(range(1, self.max_draft_tokens + 2), filters, proposer.reads_target_features)
+                proposer.prepare(self.max_draft_tokens)
                 progress.timer.mark("other")  # a capture is not the next step's drafting
                 prepared = True
         return target.forwards, proposer.forwards
@@ -197,3 +206,8 @@ class DraftModelProposer(Proposer):
     def commit(self, tokens: list[int], kept: int) -> None:
         # The draft cache never held more than the drafts it was fed.
         self.cache.crop(min(self.cache.length, kept))
+
+    def prepare(self, max_drafts: int) -> None:
+        # After the first iteration a draft forward feeds one token, or two when the
+        # whole block was accepted (the last draft, never fed, and the extra token).
+        self.cache.prepare((1, 2), self.filters, keep=1)

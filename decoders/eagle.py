@@ -227,6 +227,12 @@ class FeatureProposer(Proposer):
             features, tokens = hidden[0, -1:], x_j.view(1)
         return Proposal(torch.stack(drafts), probs=torch.stack(q))
 
+    def prepare(self, max_drafts: int) -> None:
+        # A propose first feeds the entries since the last one from true features: one per
+        # token the verification committed (1 .. max_drafts + 1), then one per further draft.
+        self.cache.prepare(range(1, max_drafts + 2), self.filters, hidden=True, keep=1,
+                           feature_size=self.cache.model.config.hidden_size)
+
     def commit(self, tokens: list[int], kept: int) -> None:
         # Entries from predicted features are dropped; the verification just gave the
         # true features up to ``kept``, from which the next propose recomputes them.

@@ -129,7 +129,8 @@ class CachedModel:
             return filtered_probs(logits, *filters), states
         return filtered_probs(self(tokens, keep, features), *filters)
 
-    def prepare(self, sizes, filters: tuple[float, int, float] | None = None, hidden: bool = False) -> None:
+    def prepare(self, sizes, filters: tuple[float, int, float] | None = None, hidden: bool = False,
+                keep: int | None = None, feature_size: int = 0) -> None:
         """Nothing to warm up: this cache captures no graphs (``static.StaticCachedModel.prepare``)."""
 
     def crop(self, length: int) -> None:

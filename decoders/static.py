@@ -172,29 +172,44 @@ class StaticCachedModel:
             return out[0][: self._width], out[1][: self._width]
         return out[: self._width]
 
-    def prepare(self, sizes, filters: tuple[float, int, float] | None = None, hidden: bool = False) -> None:
-        """Capture now the graph of each ``n``-token forward keeping all ``n`` (a verification's
-        shape; ``filters``/``hidden`` as the caller will pass them) for ``n`` in ``sizes``, where
-        none is captured yet.
+    def prepare(self, sizes, filters: tuple[float, int, float] | None = None, hidden: bool = False,
+                keep: int | None = None, feature_size: int = 0) -> None:
+        """Capture now the graph of each ``n``-token forward for ``n`` in ``sizes``, where none is
+        captured yet: the shapes a caller will feed, with the arguments it will pass (``keep``
+        logits, all ``n`` when None; ``filters``/``hidden`` as in ``probs``; ``feature_size`` > 0
+        for a model fed features of that width beside its tokens).
 
         A shape's first forward captures its graph (and compiles its kernels): about a
         second, once per process. A caller that knows which shapes it will feed warms
         them all up front, so a shape first seen late (a draft budget shrinking near
-        ``max_new_tokens``, a proposer drafting fewer) is not captured inside a measured
-        sweep. The forwards write past the cached length, where positions are free, and
-        count in neither ``forwards`` nor ``replays``.
+        ``max_new_tokens``, a proposer drafting fewer, a block accepted whole) is not
+        captured inside a measured sweep. The forwards write past the cached length
+        (past position 0 on an empty cache), where positions are free, and count in
+        neither ``forwards`` nor ``replays``.
         """
-        if not self.graphs or self._length == 0:
-            return  # no graphs, or no prefix yet (a first forward runs eagerly)
+        if not self.graphs:
+            return
         length, forwards = self._length, self.forwards
+        for key in self.graph_keys(sizes, filters, hidden, keep, feature_size):
+            n = key[0]
+            at = max(length, 1)  # a forward at position 0 is a prompt's: it runs eagerly, never graphed
+            if key not in self._graphed and at + n <= self.max_length:
+                self._length = at
+                tokens = torch.zeros((self._width, n), dtype=torch.long, device=self.device)
+                features = (torch.zeros((self._width, n, feature_size), dtype=self._dtype, device=self.device)
+                            if feature_size else None)
+                self._run(tokens, key[1], key[2], features, hidden)
+        self._length, self.forwards = length, forwards
+
+    @staticmethod
+    def graph_keys(sizes, filters: tuple[float, int, float] | None = None, hidden: bool = False,
+                   keep: int | None = None, feature_size: int = 0) -> list[tuple]:
+        """The graphs ``prepare`` with these arguments captures (shapes of more than
+        ``MAX_GRAPHED_TOKENS`` tokens run eagerly and have none)."""
         filters = None if filters is None else tuple(filters)
-        for n in sizes:
-            key = _graph_key(n, n, filters, 1, hidden)
-            if n <= MAX_GRAPHED_TOKENS and key not in self._graphed and length + n <= self.max_length:
-                self._run(torch.zeros((self._width, n), dtype=torch.long, device=self.device), n, filters,
-                          hidden=hidden)
-                self._length = length
-        self.forwards = forwards
+        inputs = 2 if feature_size else 1
+        return [_graph_key(n, n if keep is None else keep, filters, inputs, hidden)
+                for n in sizes if n <= MAX_GRAPHED_TOKENS]
 
     def _forward(self, inputs: tuple[torch.Tensor, ...], keep: int, compiled: bool = False,
                  filters: tuple | None = None, hidden: bool = False):
@@ -285,6 +300,7 @@ class _Graph:
     def __init__(self, owner: StaticCachedModel, inputs: tuple[torch.Tensor, ...], keep: int,
                  filters: tuple | None, hidden: bool) -> None:
         self.inputs = tuple(t.expand(owner.rows, *t.shape[1:]).clone() for t in inputs)
+        self.replays = 0
         self.graph = torch.cuda.CUDAGraph()
         stream = torch.cuda.Stream(owner.device)
         current = torch.cuda.current_stream(owner.device)
@@ -312,6 +328,7 @@ class _Graph:
         for buffer, value in zip(self.inputs, inputs, strict=True):
             buffer.copy_(value)  # broadcasts one row to every row
         self.graph.replay()
+        self.replays += 1  # per shape: benchmarks weigh each shape's replay time by it
         # The next replay overwrites the output buffers; callers may keep what they got.
         out = tuple(t.clone() for t in _tensors(self.out))
         return out if isinstance(self.out, tuple) else out[0]

@@ -46,16 +46,20 @@ def test_graphs_decode_like_the_plain_path_at_temperature_0(cuda_tiny, name):
 def test_every_verification_shape_is_captured_after_the_first_step(cuda_tiny, name):
     """A verification shape first fed late (here the draft budget, 2 tokens short of
     max_new_tokens from the start) is captured in the generation's first step, not inside
-    a later, measured one; a second generation captures nothing."""
+    a later, measured one, and so is every shape the drafter feeds; a second generation
+    captures nothing, in the target's cache or the drafter's."""
     prompt = cuda_tiny.tokenizer("The quick brown fox", return_tensors="pt").input_ids.cuda()
     static.release_all()
     decode(name, cuda_tiny.target, cuda_tiny.draft, prompt, fast="graphs", n=3, temperature=0.0)
     (target_cache,) = static._POOL[cuda_tiny.target]
-    captured = set(target_cache._graphed)
-    assert {key[0] for key in captured} >= set(range(1, DECODERS[name]["gamma"] + 2))
+    caches = [cache for kept in static._POOL.values() for cache in kept]
+    captured = [set(cache._graphed) for cache in caches]
+    assert len(caches) == 2 and all(captured), "the drafter's cache captured nothing"
+    assert {key[0] for key in target_cache._graphed} >= set(range(1, DECODERS[name]["gamma"] + 2))
     decode(name, cuda_tiny.target, cuda_tiny.draft, prompt, fast="graphs", n=32, temperature=0.0)
-    assert static._POOL[cuda_tiny.target] == [target_cache], "the cache was rebuilt: nothing compared"
-    assert set(target_cache._graphed) == captured
+    assert [cache for kept in static._POOL.values() for cache in kept] == caches, \
+        "a cache was rebuilt: nothing compared"
+    assert [set(cache._graphed) for cache in caches] == captured
 
 
 @pytest.mark.parametrize("name", list(DECODERS))

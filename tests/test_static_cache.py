@@ -8,6 +8,7 @@ up here as a different token.
 
 from __future__ import annotations
 
+import collections
 import gc
 import weakref
 
@@ -17,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from decoders import static
+from decoders.eagle import EagleHead
 from harness.models import load_models
 from tests.fastpath import DECODERS, assert_same_decoding, decode
 
@@ -55,6 +57,50 @@ def test_draft_equal_to_target_gets_its_own_cache(tiny, prompt, name):
     fast = decode(name, tiny.target, tiny.target, prompt, fast="static", n=30, temperature=0.0)
     assert_same_decoding(fast, plain)
     assert all(s.accepted == s.drafted for s in fast.steps)
+
+
+@pytest.mark.parametrize("name", [n for n in DECODERS if n != "sampling"])
+@pytest.mark.parametrize("drafter", ["given", "target"])
+def test_every_shape_fed_after_the_first_step_was_prepared(tiny, prompt, name, drafter, monkeypatch):
+    """What the fast path captures after a generation's first step (the target's
+    ``prepare`` and the proposer's) covers every decode-sized forward the rest of
+    the generation feeds, the target's and the drafter's, so no graph is captured
+    inside a measured step. Checked on the CPU through the static cache's own
+    bookkeeping (``graph_keys``, ``_graph_key``), with a perfect draft (the target
+    itself: whole blocks accepted) and the given one (blocks cut short)."""
+    prepared, fed = collections.defaultdict(set), collections.defaultdict(set)
+    original_prepare, original_run = static.StaticCachedModel.prepare, static.StaticCachedModel._run
+
+    models = {}
+
+    def spy_prepare(self, sizes, filters=None, hidden=False, keep=None, feature_size=0):
+        prepared[id(self)].update(self.graph_keys(sizes, filters, hidden, keep, feature_size))
+        models[id(self)] = self.model
+        return original_prepare(self, sizes, filters, hidden, keep, feature_size)
+
+    def spy_run(self, tokens, keep, filters, features=None, hidden=False):
+        n = tokens.shape[1]
+        if prepared and self.length > 0 and n <= static.MAX_GRAPHED_TOKENS:  # what a graph would serve
+            fed[id(self)].add(static._graph_key(n, n if keep is None else keep, filters,
+                                                1 if features is None else 2, hidden))
+        return original_run(self, tokens, keep, filters, features, hidden)
+
+    monkeypatch.setattr(static.StaticCachedModel, "prepare", spy_prepare)
+    monkeypatch.setattr(static.StaticCachedModel, "_run", spy_run)
+    draft = tiny.target if drafter == "target" and name != "eagle" else tiny.draft
+    for seed in range(3):
+        fed.clear()
+        prepared.clear()
+        out = decode(name, tiny.target, draft, prompt, fast="static", n=40, seed=seed, temperature=0.0)
+        assert len(fed) == 2, "the target's and the drafter's later forwards were not both seen"
+        for cache, keys in fed.items():
+            assert keys <= prepared[cache], f"fed after the first step but never prepared: {keys - prepared[cache]}"
+    if drafter == "target" and name != "eagle":
+        assert any(s.accepted == s.drafted for s in out.steps), "no block accepted whole"
+    if name == "eagle":  # a random head rarely has a block accepted whole: its shapes, from the algorithm
+        (head,) = [c for c, model in models.items() if isinstance(model, EagleHead)]
+        gamma = DECODERS[name]["gamma"]  # a propose feeds accepted + 1 entries from true features
+        assert {key[0] for key in prepared[head]} >= set(range(1, gamma + 2))
 
 
 def test_caches_are_reused_and_grown(tiny, prompt):
