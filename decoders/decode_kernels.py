@@ -64,6 +64,13 @@ def supports(dtype: torch.dtype, head_dim: int) -> bool:
             and head_dim >= 16 and head_dim & (head_dim - 1) == 0)
 
 
+def dense(*tensors: torch.Tensor | None) -> bool:
+    """Whether every given tensor is contiguous: the kernels address a weight as a dense
+    row-major ``(N, K)`` matrix (and a norm or bias as a dense vector), so a strided view
+    (a transposed or sliced parameter) would be read wrong."""
+    return all(t is None or t.is_contiguous() for t in tensors)
+
+
 def available(device: torch.device) -> bool:
     """Compiled kernels need a CUDA device (the interpreter serves tests only)."""
     return triton is not None and device.type == "cuda"
@@ -301,6 +308,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     n = weight.shape[0] // 2 if gated else weight.shape[0]
     if m > MAX_ROWS:
         raise ValueError(f"gemv takes at most {MAX_ROWS} rows, got {m}")
+    if not dense(weight, bias, norm):
+        raise ValueError("gemv reads its weight, bias and norm as dense tensors; pass contiguous ones "
+                         "(.contiguous() makes a copy)")
     x = x.contiguous()
     y = torch.empty((m, n), dtype=weight.dtype, device=x.device)
     block_n, block_k, warps, stages = config or gemv_config(n, k, m, gated)

@@ -221,8 +221,14 @@ class FusedForward:
         positions = torch.arange(max_length, device=param.device).view(1, -1)
         cos, sin = model.model.rotary_emb(self.keys[0, :1, 0], positions)
         self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()  # (max_length, head_dim)
-        # Decode steps through decoders.decode_kernels (six kernels a layer) where they run.
-        self.kernels = decode_kernels.available(param.device) and decode_kernels.supports(param.dtype, head_dim)
+        # Decode steps through decoders.decode_kernels (six kernels a layer) where they run, and
+        # where every weight they read is dense (a model holding strided views takes the compiled layer).
+        self.kernels = (decode_kernels.available(param.device) and decode_kernels.supports(param.dtype, head_dim)
+                        and all(decode_kernels.dense(*layer) for layer in self.weights.layers))
+        # The output head through the kernels too, unless it is more than a Linear (a draft's
+        # head over a token subset) or a strided view.
+        head = self.weights.head
+        self._dense_head = type(head) is torch.nn.Linear and decode_kernels.dense(head.weight, head.bias)
 
     @torch.no_grad()  # the model's parameters require grad; a decode step never does
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, keep: int,
@@ -261,7 +267,7 @@ class FusedForward:
         # step of the same shape without them gives.
         states = _rms_norm(x, w.norm, self.eps)
         kept = states[:, -keep:]
-        if kernels and type(w.head) is torch.nn.Linear:  # not a draft's subset head
+        if kernels and self._dense_head:
             rows = kept.shape[0]
             logits = decode_kernels.gemv(kept.reshape(rows * keep, -1), w.head.weight, w.head.bias)
             logits = logits.view(rows, keep, -1)

@@ -151,6 +151,26 @@ def test_engine_takes_kernels_only_on_a_gpu():
     assert engine.kernels == (DEVICE == "cuda")
 
 
+def test_strided_weights_are_refused_by_gemv_and_keep_a_model_off_the_kernels(monkeypatch):
+    """The kernels read a weight as a dense row-major matrix: a transposed view would be read
+    as another matrix, so gemv refuses it and an engine over such a model takes the compiled
+    layer (its logits stay the model's)."""
+    dtype = DTYPES[-1]
+    x = _rand(1, 32, dtype=dtype, seed=21)
+    strided = _rand(32, 48, dtype=dtype, seed=22).t()  # (48, 32), not contiguous
+    with pytest.raises(ValueError, match="contiguous"):
+        K.gemv(x, strided)
+    _close(K.gemv(x, strided.contiguous()), F.linear(x, strided), dtype)
+    monkeypatch.setattr(K, "available", lambda device: True)  # as on a GPU
+    model = _tiny_qwen(dtype)
+    assert fused.FusedForward(model, rows=1, max_length=64).kernels
+    layer = model.model.layers[0].self_attn.o_proj
+    with torch.no_grad():
+        layer.weight = torch.nn.Parameter(layer.weight.t().contiguous().t())  # same values, strided
+    assert not layer.weight.is_contiguous()
+    assert not fused.FusedForward(model, rows=1, max_length=64).kernels
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,k,gated", [
     (2048, 1536, False), (1536, 1536, False), (8960, 1536, True), (1536, 8960, False), (151936, 1536, False),
