@@ -12,6 +12,9 @@
 #                matrix for 1 and 5 rows (gemv_configs.py), and a 1-token and a 5-token step per model shape
 #                with and without overlapped launches, against the compiled layer, and the sampling
 #                decoder's loop per token beside the step (step_profile.py)
+#   loop         each decoder's loop against its own CUDA graphs replayed alone, the device's timeline and
+#                the SM clock (loop_profile.py), on random-weight shapes of both pairs: no carried models
+#   loop-real    the same on the real pairs (the carried models)
 #   pace         every decoder at its defaults on the SmolLM2 pair (eagle included), greedy and T=1
 #   pace-eagle   the same for sampling, specdecode and eagle only
 #   pace-qwen    the same on the Qwen pair
@@ -76,6 +79,12 @@ for s in $steps; do
         --out "$out/step-profile-$tokens-tokens.json" 2>&1 \
         | grep --line-buffered -v -i warn
     done ;;
+  loop)
+    step "each decoder's loop against its graphs alone, random-weight shapes of both pairs"
+    $py benchmarks/loop_profile.py --out "$out/loop-profile.json" 2>&1 | grep --line-buffered -v -i warn ;;
+  loop-real)
+    step "each decoder's loop against its graphs alone, the real pairs"
+    $py benchmarks/loop_profile.py --real --out "$out/loop-profile-real.json" 2>&1 | grep --line-buffered -v -i warn ;;
   pace)
     step "every decoder at its defaults, SmolLM2 pair, greedy and T=1, chat and code prompts, HF anchors"
     $py benchmarks/gpu_decoding.py --sections pace --pairs smollm2 --prompts 6 --anchor-prompts 2 --new-tokens 128 \

@@ -35,6 +35,10 @@ SHAPES = {
     "smollm2-135m": (LlamaForCausalLM, LlamaConfig, dict(
         vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
         num_key_value_heads=3, tie_word_embeddings=True, rope_theta=100000.0)),
+    # The distilled SmolLM2 draft (harness/assets/smollm2_draft): nine of the target's layers, its own head.
+    "smollm2-135m-draft": (LlamaForCausalLM, LlamaConfig, dict(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=9, num_attention_heads=9,
+        num_key_value_heads=3, tie_word_embeddings=False, rope_theta=100000.0)),
     "qwen2.5-0.5b": (Qwen2ForCausalLM, Qwen2Config, dict(
         vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
         num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1000000.0)),

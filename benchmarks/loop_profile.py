@@ -1,0 +1,335 @@
+"""What each decoder's loop costs beyond its forwards: the loop against its own graphs replayed alone.
+
+    python benchmarks/loop_profile.py [--pairs qwen,smollm2] [--methods sampling,specdecode,mtad,prompt_lookup,eagle]
+        [--settings greedy,t1] [--new-tokens 128] [--prompts 4] [--real] [--out PATH]
+
+Why: in the H200 pace runs every forward inside the decoders' loops took 1.3-1.6x
+what the same step's graph replay took in ``step_profile.py`` (sampling on the
+Qwen 1.5B: 1.73-1.94 ms of device time per verify against a 1.33 ms replay;
+specdecode's 0.5B draft steps 1.18 against 0.73), on runs made on different
+loans. An overhead per forward makes every method pay by its forward count, so
+a comparison between methods reads partly as our loop's cost. This script
+measures it in one process, per pair, setting and decoder:
+
+1. the loop: ``generate`` of ``--new-tokens`` + 8 and of 8 tokens (no EOS) from
+   each prompt, differenced, so the prompt's eager forward and the first step
+   cancel: ms per token of wall time, and the device time of each phase
+   (``decoders.timing``: draft, verify, accept, other) per token;
+2. the same graphs alone: every CUDA graph the loop replayed (the target's and
+   the drafter's caches), each replayed back to back as the loop replays it
+   (inputs copied in, outputs cloned), weighted by how often the differenced
+   loop replayed it: what the forwards alone cost, and the loop's draft and
+   verify time as a multiple of it (``x alone``: 1.0 means the loop adds
+   nothing to its forwards);
+3. the device's timeline of one generation (``torch.profiler``, CUDA activity
+   only): the share of the time the device was busy, its idle time per token,
+   the host's time blocked in synchronisations, kernels per token and the
+   kernels that took the most time;
+4. the SM clock (NVML, sampled every 20 ms during the loop; its mean and
+   lowest) against the card's maximum, and the clock-event reasons seen.
+
+How to read a row: ``x alone`` near 1 with the device busy throughout: the loop
+adds nothing. Above 1 with the device busy: the same kernels run slower inside
+the loop (clock, contention: see the clock columns and the kernel table). Idle
+time: the host does not keep the device fed (then it spends little time in
+synchronisations).
+
+Random-weight models of the real pairs' shapes by default (speed does not
+depend on the weights; the drafts' acceptance does, so tokens per call are not
+the real pairs'); ``--real`` loads the real pairs and HumanEval prompts instead
+(``scripts/setup.sh --qwen`` for the Qwen pair).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_decoding import HEADS, METHODS, PAIRS, SETTINGS, pace_prompts  # noqa: E402
+from step_cost import build  # noqa: E402
+
+from decoders import get_decoder, static  # noqa: E402
+from decoders.eagle import EagleHead  # noqa: E402
+from decoders.timing import PHASES  # noqa: E402
+from harness.models import load_model, load_models  # noqa: E402
+from harness.sysinfo import environment  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+#: Random-weight shapes (benchmarks/step_cost.py) standing for each pair's target and draft.
+SHAPE_PAIRS = {"qwen": ("qwen2.5-1.5b", "qwen2.5-0.5b"), "smollm2": ("smollm2-135m", "smollm2-135m-draft")}
+SHORT = 8  # tokens of the generation subtracted from each long one
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """The union of a device's activity intervals.
+
+    Attributes:
+        span_us: from the first start to the last end.
+        busy_us: the length of the union of the intervals.
+        gaps_us: the idle stretches between them, in order.
+    """
+
+    span_us: float
+    busy_us: float
+    gaps_us: tuple[float, ...]
+
+    @property
+    def idle_us(self) -> float:
+        return self.span_us - self.busy_us
+
+
+def timeline(intervals: list[tuple[float, float]]) -> Timeline:
+    """The ``Timeline`` of ``[start, end)`` intervals, which may overlap (concurrent kernels)."""
+    if not intervals:
+        return Timeline(0.0, 0.0, ())
+    ordered = sorted(intervals)
+    busy, gaps = 0.0, []
+    start, end = ordered[0]
+    for s, e in ordered[1:]:
+        if s > end:
+            busy += end - start
+            gaps.append(s - end)
+            start, end = s, e
+        else:
+            end = max(end, e)
+    busy += end - start
+    return Timeline(max(e for _, e in ordered) - ordered[0][0], busy, tuple(gaps))
+
+
+def graphs_alone_ms(counts: dict[tuple, int], replay_ms: dict[tuple, float]) -> float:
+    """What ``counts`` replays of each graph cost when each replay takes ``replay_ms`` of its graph."""
+    return sum(count * replay_ms[key] for key, count in counts.items())
+
+
+class ClockSampler:
+    """The GPU's SM clock, sampled on a thread every ``interval_s`` between ``start`` and ``stop`` (NVML)."""
+
+    def __init__(self, index: int, interval_s: float = 0.02) -> None:
+        import pynvml
+
+        pynvml.nvmlInit()
+        self._nvml, self._handle, self._interval = pynvml, pynvml.nvmlDeviceGetHandleByIndex(index), interval_s
+        self.max_mhz = pynvml.nvmlDeviceGetMaxClockInfo(self._handle, pynvml.NVML_CLOCK_SM)
+        self._samples: list[int] = []
+        self._reasons = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        reasons = getattr(self._nvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or \
+            self._nvml.nvmlDeviceGetCurrentClocksThrottleReasons
+        while not self._stop.wait(self._interval):
+            self._samples.append(self._nvml.nvmlDeviceGetClockInfo(self._handle, self._nvml.NVML_CLOCK_SM))
+            self._reasons |= reasons(self._handle)
+
+    def start(self) -> None:
+        self._samples, self._reasons = [], 0
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        s = self._samples or [0]
+        return {"sm_clock_mean_mhz": statistics.fmean(s), "sm_clock_min_mhz": min(s), "sm_clock_max_mhz": self.max_mhz,
+                "clock_event_reasons": hex(self._reasons), "clock_samples": len(self._samples)}
+
+
+def _graphs(models) -> dict[tuple, static._Graph]:
+    """Every captured graph of these models' kept caches, by (model index, cache index, shape key)."""
+    return {(m, c, key): graph for m, model in enumerate(models) if model is not None
+            for c, cache in enumerate(static._POOL.get(model, [])) for key, graph in cache._graphed.items()}
+
+
+def replay_alone_ms(graph: static._Graph, repeats: int = 50) -> float:
+    """Median ms of one replay of ``graph`` as the loop replays it (inputs copied in, outputs cloned)."""
+    times = []
+    for i in range(repeats + 3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay(graph.inputs)
+        end.record()
+        end.synchronize()
+        if i >= 3:
+            times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def device_timeline(fn, tokens: int) -> dict:
+    """The device's timeline while ``fn()`` runs, per token, from torch.profiler's CUDA activity."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    device, per_name, blocked_us, kernels, syncs = [], collections.Counter(), 0.0, 0, 0
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            device.append((e.time_range.start, e.time_range.end))
+            per_name[e.name[:80]] += e.time_range.elapsed_us()
+            kernels += 1
+        elif "Synchronize" in e.name:  # cudaStreamSynchronize, cudaEventSynchronize: the host waits
+            blocked_us += e.time_range.elapsed_us()
+            syncs += 1
+    line = timeline(device)
+    return {"busy_share": line.busy_us / line.span_us if line.span_us else None,
+            "idle_ms_per_token": line.idle_us / 1e3 / tokens,
+            "gaps_over_20us_per_token": sum(g > 20 for g in line.gaps_us) / tokens,
+            # None where the profiler recorded no runtime calls (then nothing is known of the host).
+            "host_blocked_ms_per_token": blocked_us / 1e3 / tokens if syncs else None,
+            "kernels_per_token": kernels / tokens,
+            "top_kernels_us_per_token": {k: v / tokens for k, v in per_name.most_common(12)}}
+
+
+def profile_decoder(dec, models, prompts, n: int, clock: ClockSampler | None) -> dict:
+    """One decoder's row: the differenced loop, its graphs alone, the timeline and the clock."""
+    with torch.inference_mode():
+        dec.generate(max(prompts, key=lambda p: p.shape[1]), n + SHORT, torch.Generator().manual_seed(0))
+        graphs = _graphs(models)
+        counts = collections.Counter()
+        phases = dict.fromkeys(PHASES, 0.0)
+        wall = tokens = target_calls = draft_calls = 0
+        if clock:
+            clock.start()
+        for i, prompt in enumerate(prompts):
+            for length, sign in ((n + SHORT, 1), (SHORT, -1)):
+                before = {k: g.replays for k, g in graphs.items()}
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                out = dec.generate(prompt, length, torch.Generator().manual_seed(i))
+                torch.cuda.synchronize()
+                wall += sign * (time.perf_counter() - t0)
+                tokens += sign * len(out.tokens)
+                target_calls += sign * out.target_forwards
+                draft_calls += sign * out.draft_forwards
+                for k, v in out.phase_times_s.items():
+                    phases[k] += sign * v
+                for k, g in graphs.items():
+                    counts[k] += sign * (g.replays - before[k])
+        clocks = clock.stop() if clock else {}
+        new = set(_graphs(models)) - set(graphs)
+        alone = {k: replay_alone_ms(g) for k, g in graphs.items() if counts[k] > 0}
+        profile = device_timeline(lambda: dec.generate(prompts[0], n, torch.Generator().manual_seed(0)), n)
+    target_alone, draft_alone = (graphs_alone_ms({k: c for k, c in counts.items() if k[0] == m and c > 0}, alone)
+                                 for m in (0, 1))
+    loop_ms = {k: 1e3 * v for k, v in phases.items()}
+    return {
+        "tokens": tokens, "ms_per_token": 1e3 * wall / tokens, "tokens_per_call": tokens / max(target_calls, 1),
+        **{f"{k}_ms_per_token": v / tokens for k, v in loop_ms.items()},
+        "graphs_alone_ms_per_token": (target_alone + draft_alone) / tokens,
+        "verify_x_alone": loop_ms["verify"] / target_alone if target_alone else None,
+        "draft_x_alone": loop_ms["draft"] / draft_alone if draft_alone else None,
+        "loop_x_alone": sum(loop_ms.values()) / (target_alone + draft_alone) if target_alone else None,
+        "verify_ms_per_call": loop_ms["verify"] / max(target_calls, 1),
+        "draft_ms_per_call": loop_ms["draft"] / draft_calls if draft_calls else None,
+        "replay_alone_ms": {f"{('target', 'draft')[k[0]]} cache {k[1]} n={k[2][0]} keep={k[2][1]}": round(v, 4)
+                            for k, v in alone.items()},
+        "replays_per_token": {f"{('target', 'draft')[k[0]]} cache {k[1]} n={k[2][0]} keep={k[2][1]}": c / tokens
+                              for k, c in counts.items() if c > 0},
+        "graphs_captured_in_measured_loop": len(new),
+        **profile, **clocks,
+    }
+
+
+def load_pair(name: str, real: bool, methods: list[str], prompts_per_kind: int):
+    """(target, draft, EAGLE head or None, prompts) for ``name``: real models or random shapes."""
+    if real:
+        pair = load_models(*PAIRS[name], dtype="bfloat16", device="cuda")
+        head = (load_model(HEADS[name], dtype="bfloat16", device="cuda", base=pair.target)
+                if name in HEADS and "eagle" in methods else None)
+        args = argparse.Namespace(prompts=prompts_per_kind)
+        prompts = pace_prompts(pair, args)["code"]
+        return pair.target, pair.draft, head, prompts
+    target, draft = (build(shape) for shape in SHAPE_PAIRS[name])
+    head = EagleHead.for_target(target) if "eagle" in methods else None
+    gen = torch.Generator().manual_seed(0)
+    vocab = target.config.vocab_size
+    prompts = [torch.randint(0, vocab, (1, int(length)), generator=gen).cuda()
+               for length in torch.linspace(64, 256, prompts_per_kind).tolist()]
+    return target, draft, head, prompts
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: per row the loop, its graphs alone, the device timeline and the clock."""
+    def f(v, fmt=".2f"):
+        return "" if v is None else format(v, fmt)
+
+    lines = ["| pair | setting | decoder | ms/token | graphs alone | loop x alone (draft / verify) | "
+             "device busy | idle ms/token | host blocked ms/token | kernels/token | SM clock MHz (mean / min / max) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['pair']} | {r['setting']} | {r['decoder']} | {f(r['ms_per_token'], '.3f')} | "
+            f"{f(r['graphs_alone_ms_per_token'], '.3f')} | {f(r['loop_x_alone'])} ({f(r['draft_x_alone'])} / "
+            f"{f(r['verify_x_alone'])}) | {f(r['busy_share'], '.0%')} | {f(r['idle_ms_per_token'], '.3f')} | "
+            f"{f(r['host_blocked_ms_per_token'], '.3f')} | {f(r['kernels_per_token'], '.0f')} | "
+            f"{f(r.get('sm_clock_mean_mhz'), '.0f')} / {f(r.get('sm_clock_min_mhz'), '.0f')} / "
+            f"{f(r.get('sm_clock_max_mhz'), '.0f')} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pairs", default="qwen,smollm2")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--settings", default=",".join(SETTINGS))
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--real", action="store_true", help="the real pairs and HumanEval prompts (not random shapes)")
+    ap.add_argument("--no-clock", action="store_true", help="no NVML clock sampling")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    methods = args.methods.split(",")
+    for what, given, known in (("--pairs", args.pairs, SHAPE_PAIRS), ("--methods", args.methods, METHODS),
+                               ("--settings", args.settings, SETTINGS)):
+        unknown = set(given.split(",")) - set(known)
+        if unknown:
+            ap.error(f"{what}: unknown {', '.join(sorted(unknown))} (known: {', '.join(known)})")
+    if not torch.cuda.is_available():
+        sys.exit("this benchmark needs a CUDA GPU (it times CUDA-graph replays)")
+    clock = None if args.no_clock else ClockSampler(torch.cuda.current_device())
+    result = {"command": "python benchmarks/loop_profile.py " + " ".join(sys.argv[1:]),
+              "environment": environment([torch.device("cuda")]), "real": args.real, "rows": []}
+
+    def save() -> None:
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+    for name in args.pairs.split(","):
+        target, draft, head, prompts = load_pair(name, args.real, methods, args.prompts)
+        for setting, filt in SETTINGS.items():
+            if setting not in args.settings.split(","):
+                continue
+            for method in methods:
+                if method == "mtad" and setting == "greedy":
+                    continue  # the joint test needs a distribution
+                params = METHODS[method]
+                drafter = head if method == "eagle" else draft if method in ("specdecode", "mtad") else None
+                if method == "eagle" and head is None:
+                    continue
+                dec = get_decoder(method, target=target, draft=drafter, **params, **filt)
+                row = {"pair": name, "setting": setting, "decoder": method,
+                       **profile_decoder(dec, [target, drafter], prompts, args.new_tokens, clock)}
+                result["rows"].append(row)
+                save()
+                print(table([row]).splitlines()[-1], flush=True)
+                static.release_all()
+        del target, draft, head
+        torch.cuda.empty_cache()
+    print(table(result["rows"]))
+    save()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""benchmarks/loop_profile.py's accounting of a device timeline and of graph replays."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+
+from tests.test_profile import ROOT
+
+_spec = importlib.util.spec_from_file_location("loop_profile", ROOT / "benchmarks" / "loop_profile.py")
+loop_profile = importlib.util.module_from_spec(_spec)
+sys.modules["loop_profile"] = loop_profile  # its dataclass looks its module up
+_spec.loader.exec_module(loop_profile)
+
+
+def test_timeline_unions_overlapping_intervals_and_measures_the_gaps():
+    # Two concurrent kernels (0-10, 5-12), one nested (6-7), a gap of 3, one more, a gap of 8, a last one.
+    line = loop_profile.timeline([(15, 20), (0, 10), (6, 7), (5, 12), (28, 30)])
+    assert line.span_us == 30
+    assert line.busy_us == 12 + 5 + 2
+    assert line.gaps_us == (3, 8)
+    assert line.idle_us == pytest.approx(sum(line.gaps_us))
+
+
+def test_timeline_of_nothing_and_of_one_interval():
+    assert loop_profile.timeline([]) == loop_profile.Timeline(0.0, 0.0, ())
+    line = loop_profile.timeline([(4.0, 9.5)])
+    assert (line.span_us, line.busy_us, line.gaps_us) == (5.5, 5.5, ())
+
+
+def test_a_long_interval_covers_later_short_ones():
+    line = loop_profile.timeline([(0, 100), (10, 20), (30, 40), (120, 130)])
+    assert (line.span_us, line.busy_us, line.gaps_us) == (130, 110, (20,))
+
+
+def test_graphs_alone_weighs_each_shape_by_its_replays():
+    counts = {"one-token": 100, "five-token": 20}
+    alone = {"one-token": 1.3, "five-token": 2.0, "unused": 9.0}
+    assert loop_profile.graphs_alone_ms(counts, alone) == pytest.approx(100 * 1.3 + 20 * 2.0)
