@@ -94,6 +94,30 @@ def test_real_pair_graphs_decode_like_the_plain_path(name):
         assert_same_decoding(fast, plain)
 
 
+@pytest.mark.parametrize("name", list(DECODERS))
+def test_bf16_graphs_run_the_decode_kernels_alike_with_and_without_overlapped_launches(tiny_dirs, name,
+                                                                                     monkeypatch):
+    """The default GPU path (bf16: every decode step through decoders.decode_kernels inside
+    CUDA graphs) decodes the same tokens, step for step, with programmatic dependent launch
+    on and off: overlap changes when a kernel starts, never what it computes (the split-K
+    sums are ordered), so any difference is a kernel reading what it waited for too early."""
+    from decoders import decode_kernels
+
+    pair = load_models(str(tiny_dirs[0]), str(tiny_dirs[1]), dtype="bfloat16", device="cuda")
+    prompt = pair.tokenizer("Once upon a time", return_tensors="pt").input_ids.cuda()
+    runs = []
+    for pdl in (True, False):
+        static.release_all()  # graphs hold their launches: capture afresh under each setting
+        monkeypatch.setattr(decode_kernels, "PDL", pdl)
+        runs.append(decode(name, pair.target, pair.draft, prompt, fast="graphs", n=48, seed=0,
+                           temperature=1.0, top_k=10, top_p=0.9))
+        caches = [cache for kept in static._POOL.values() for cache in kept]
+        assert caches and all(c.engine is not None and c.engine.kernels for c in caches), "kernels not taken"
+        assert all(c.replays for c in caches), "a cache replayed no graph"
+    assert_same_decoding(*runs)
+    static.release_all()
+
+
 def test_compiled_graphs_decode_like_the_plain_path(cuda_tiny):
     """torch.compile before capture (fused kernels) still decodes the same greedy tokens."""
     prompt = cuda_tiny.tokenizer("The quick brown fox", return_tensors="pt").input_ids.cuda()
