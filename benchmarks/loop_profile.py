@@ -21,18 +21,21 @@ measures it in one process, per pair, setting and decoder:
    loop replayed it: what the forwards alone cost, and the loop's draft and
    verify time as a multiple of it (``x alone``: 1.0 means the loop adds
    nothing to its forwards);
-3. the device's timeline of one generation (``torch.profiler``, CUDA activity
-   only): the share of the time the device was busy, its idle time per token,
-   the host's time blocked in synchronisations, kernels per token and the
-   kernels that took the most time;
+3. the device's timeline of one long and one short generation, differenced
+   (``torch.profiler``, CUDA activity only; ``--no-timeline`` skips it): the
+   share of the time the device was busy, its idle time per token, the host's
+   time blocked in the runtime (synchronisations, and the device-to-host copies
+   where each step's read waits), device activities per token and the kernels
+   that took the most time (profiling slows replays: compare its ms per token
+   with the loop's);
 4. the SM clock (NVML, sampled every 20 ms during the loop; its mean and
    lowest) against the card's maximum, and the clock-event reasons seen.
 
 How to read a row: ``x alone`` near 1 with the device busy throughout: the loop
 adds nothing. Above 1 with the device busy: the same kernels run slower inside
 the loop (clock, contention: see the clock columns and the kernel table). Idle
-time: the host does not keep the device fed (then it spends little time in
-synchronisations).
+time: the host does not keep the device fed (then it spends little time
+blocked).
 
 Random-weight models of the real pairs' shapes by default (speed does not
 depend on the weights; the drafts' acceptance does, so tokens per call are not
@@ -115,14 +118,17 @@ def graphs_alone_ms(counts: dict[tuple, int], replay_ms: dict[tuple, float]) -> 
 class ClockSampler:
     """The GPU's SM clock, sampled on a thread every ``interval_s`` between ``start`` and ``stop`` (NVML)."""
 
-    def __init__(self, index: int, interval_s: float = 0.02) -> None:
+    def __init__(self, device: int, interval_s: float = 0.02) -> None:
         import pynvml
 
         pynvml.nvmlInit()
+        # NVML counts every GPU of the machine; CUDA only the visible ones.
+        index = torch.cuda._get_nvml_device_index(device)
         self._nvml, self._handle, self._interval = pynvml, pynvml.nvmlDeviceGetHandleByIndex(index), interval_s
         self.max_mhz = pynvml.nvmlDeviceGetMaxClockInfo(self._handle, pynvml.NVML_CLOCK_SM)
         self._samples: list[int] = []
         self._reasons = 0
+        self._error: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -130,11 +136,15 @@ class ClockSampler:
         reasons = getattr(self._nvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or \
             self._nvml.nvmlDeviceGetCurrentClocksThrottleReasons
         while not self._stop.wait(self._interval):
-            self._samples.append(self._nvml.nvmlDeviceGetClockInfo(self._handle, self._nvml.NVML_CLOCK_SM))
-            self._reasons |= reasons(self._handle)
+            try:
+                self._samples.append(self._nvml.nvmlDeviceGetClockInfo(self._handle, self._nvml.NVML_CLOCK_SM))
+                self._reasons |= reasons(self._handle)
+            except self._nvml.NVMLError as err:  # said in the row, not lost with the thread
+                self._error = str(err)
+                return
 
     def start(self) -> None:
-        self._samples, self._reasons = [], 0
+        self._samples, self._reasons, self._error = [], 0, None
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -144,7 +154,8 @@ class ClockSampler:
         self._thread.join()
         s = self._samples or [0]
         return {"sm_clock_mean_mhz": statistics.fmean(s), "sm_clock_min_mhz": min(s), "sm_clock_max_mhz": self.max_mhz,
-                "clock_event_reasons": hex(self._reasons), "clock_samples": len(self._samples)}
+                "clock_event_reasons": hex(self._reasons), "clock_samples": len(self._samples),
+                **({"clock_error": self._error} if self._error else {})}
 
 
 def _graphs(models) -> dict[tuple, static._Graph]:
@@ -153,45 +164,72 @@ def _graphs(models) -> dict[tuple, static._Graph]:
             for c, cache in enumerate(static._POOL.get(model, [])) for key, graph in cache._graphed.items()}
 
 
-def replay_alone_ms(graph: static._Graph, repeats: int = 50) -> float:
-    """Median ms of one replay of ``graph`` as the loop replays it (inputs copied in, outputs cloned)."""
+def replay_alone_ms(graph: static._Graph, repeats: int = 20, rounds: int = 5) -> float:
+    """ms of one replay of ``graph`` as the loop replays it (inputs copied in from other
+    tensors, outputs cloned), ``repeats`` back to back between two events; the median of
+    ``rounds``."""
+    inputs = tuple(t.clone() for t in graph.inputs)  # copying a buffer into itself would copy nothing
+    graph.replay(inputs)
     times = []
-    for i in range(repeats + 3):
+    for _ in range(rounds):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        graph.replay(graph.inputs)
+        for _ in range(repeats):
+            graph.replay(inputs)
         end.record()
         end.synchronize()
-        if i >= 3:
-            times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / repeats)
     return statistics.median(times)
 
 
-def device_timeline(fn, tokens: int) -> dict:
-    """The device's timeline while ``fn()`` runs, per token, from torch.profiler's CUDA activity."""
+def device_timeline(fn) -> dict:
+    """Totals of the device's timeline while ``fn()`` runs (torch.profiler, CUDA activity):
+    span, busy and idle microseconds, gaps over 20 us, device activities (kernels, copies),
+    the host's time blocked in the runtime (synchronisations, and device-to-host copies into
+    pageable memory, where ``.tolist()`` waits), and microseconds per kernel name."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    device, per_name, blocked_us, kernels, syncs = [], collections.Counter(), 0.0, 0, 0
+    device, per_name, blocked_us, runtime_calls = [], collections.Counter(), 0.0, 0
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
             device.append((e.time_range.start, e.time_range.end))
             per_name[e.name[:80]] += e.time_range.elapsed_us()
-            kernels += 1
-        elif "Synchronize" in e.name:  # cudaStreamSynchronize, cudaEventSynchronize: the host waits
-            blocked_us += e.time_range.elapsed_us()
-            syncs += 1
+        elif e.name.startswith("cuda"):  # a runtime call on the host
+            runtime_calls += 1
+            if "Synchronize" in e.name or e.name.startswith("cudaMemcpy"):
+                blocked_us += e.time_range.elapsed_us()
     line = timeline(device)
-    return {"busy_share": line.busy_us / line.span_us if line.span_us else None,
-            "idle_ms_per_token": line.idle_us / 1e3 / tokens,
-            "gaps_over_20us_per_token": sum(g > 20 for g in line.gaps_us) / tokens,
+    return {"span_us": line.span_us, "busy_us": line.busy_us, "idle_us": line.idle_us,
+            "gaps_over_20us": sum(g > 20 for g in line.gaps_us), "activities": len(device),
             # None where the profiler recorded no runtime calls (then nothing is known of the host).
-            "host_blocked_ms_per_token": blocked_us / 1e3 / tokens if syncs else None,
-            "kernels_per_token": kernels / tokens,
+            "host_blocked_us": blocked_us if runtime_calls else None, "per_name_us": per_name}
+
+
+def timeline_per_token(long: dict, short: dict, tokens: int) -> dict:
+    """The difference of two ``device_timeline`` totals (a long and a short generation from
+    the same prompt, so the prompt's forward and the first step cancel), per token."""
+    def diff(key):
+        return None if long[key] is None or short[key] is None else (long[key] - short[key]) / tokens
+
+    span, busy = diff("span_us"), diff("busy_us")
+    per_name = long["per_name_us"] - short["per_name_us"]  # Counter subtraction keeps what grew
+    return {"profiled_ms_per_token": span / 1e3, "busy_share": busy / span if span else None,
+            "idle_ms_per_token": diff("idle_us") / 1e3, "gaps_over_20us_per_token": diff("gaps_over_20us"),
+            "host_blocked_ms_per_token": None if diff("host_blocked_us") is None else diff("host_blocked_us") / 1e3,
+            "activities_per_token": diff("activities"),
             "top_kernels_us_per_token": {k: v / tokens for k, v in per_name.most_common(12)}}
 
 
-def profile_decoder(dec, models, prompts, n: int, clock: ClockSampler | None) -> dict:
+def _label(key: tuple) -> str:
+    """A graph's name in the JSON: whose cache, which cache, and its shape key (tokens fed, logits
+    kept, filters, inputs, hidden states)."""
+    model, cache, (n, keep, filters, inputs, hidden) = key
+    return (f"{('target', 'draft')[model]} cache {cache} n={n} keep={keep} filters={filters}"
+            + (" features" if inputs > 1 else "") + (" hidden" if hidden else ""))
+
+
+def profile_decoder(dec, models, prompts, n: int, clock: ClockSampler | None, with_timeline: bool = True) -> dict:
     """One decoder's row: the differenced loop, its graphs alone, the timeline and the clock."""
     with torch.inference_mode():
         dec.generate(max(prompts, key=lambda p: p.shape[1]), n + SHORT, torch.Generator().manual_seed(0))
@@ -218,12 +256,14 @@ def profile_decoder(dec, models, prompts, n: int, clock: ClockSampler | None) ->
                     counts[k] += sign * (g.replays - before[k])
         clocks = clock.stop() if clock else {}
         new = set(_graphs(models)) - set(graphs)
-        alone = {k: replay_alone_ms(g) for k, g in graphs.items() if counts[k] > 0}
-        profile = device_timeline(lambda: dec.generate(prompts[0], n, torch.Generator().manual_seed(0)), n)
-    target_alone, draft_alone = (graphs_alone_ms({k: c for k, c in counts.items() if k[0] == m and c > 0}, alone)
+        # Every shape the difference kept, either way: a shape the short run replayed more
+        # often is subtracted from the loop's time too.
+        counts = {k: c for k, c in counts.items() if c != 0}
+        alone = {k: replay_alone_ms(graphs[k]) for k in counts}
+    target_alone, draft_alone = (graphs_alone_ms({k: c for k, c in counts.items() if k[0] == m}, alone)
                                  for m in (0, 1))
     loop_ms = {k: 1e3 * v for k, v in phases.items()}
-    return {
+    row = {
         "tokens": tokens, "ms_per_token": 1e3 * wall / tokens, "tokens_per_call": tokens / max(target_calls, 1),
         **{f"{k}_ms_per_token": v / tokens for k, v in loop_ms.items()},
         "graphs_alone_ms_per_token": (target_alone + draft_alone) / tokens,
@@ -232,13 +272,21 @@ def profile_decoder(dec, models, prompts, n: int, clock: ClockSampler | None) ->
         "loop_x_alone": sum(loop_ms.values()) / (target_alone + draft_alone) if target_alone else None,
         "verify_ms_per_call": loop_ms["verify"] / max(target_calls, 1),
         "draft_ms_per_call": loop_ms["draft"] / draft_calls if draft_calls else None,
-        "replay_alone_ms": {f"{('target', 'draft')[k[0]]} cache {k[1]} n={k[2][0]} keep={k[2][1]}": round(v, 4)
-                            for k, v in alone.items()},
-        "replays_per_token": {f"{('target', 'draft')[k[0]]} cache {k[1]} n={k[2][0]} keep={k[2][1]}": c / tokens
-                              for k, c in counts.items() if c > 0},
+        "replay_alone_ms": {_label(k): round(v, 4) for k, v in alone.items()},
+        "replays_per_token": {_label(k): c / tokens for k, c in counts.items()},
         "graphs_captured_in_measured_loop": len(new),
-        **profile, **clocks,
+        **clocks,
     }
+    if with_timeline:  # last, and apart: the profiler may fail where the loop's figures stand
+        try:
+            with torch.inference_mode():
+                runs = [device_timeline(lambda length=length: dec.generate(prompts[0], length,
+                                                                           torch.Generator().manual_seed(0)))
+                        for length in (n + SHORT, SHORT)]
+            row.update(timeline_per_token(*runs, n))
+        except Exception as exc:  # noqa: BLE001 - reported in the row, the run goes on
+            row["timeline_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    return row
 
 
 def load_pair(name: str, real: bool, methods: list[str], prompts_per_kind: int):
@@ -265,14 +313,15 @@ def table(rows: list[dict]) -> str:
         return "" if v is None else format(v, fmt)
 
     lines = ["| pair | setting | decoder | ms/token | graphs alone | loop x alone (draft / verify) | "
-             "device busy | idle ms/token | host blocked ms/token | kernels/token | SM clock MHz (mean / min / max) |",
+             "device busy | idle ms/token | host blocked ms/token | device activities/token | "
+             "SM clock MHz (mean / min / max) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['pair']} | {r['setting']} | {r['decoder']} | {f(r['ms_per_token'], '.3f')} | "
             f"{f(r['graphs_alone_ms_per_token'], '.3f')} | {f(r['loop_x_alone'])} ({f(r['draft_x_alone'])} / "
-            f"{f(r['verify_x_alone'])}) | {f(r['busy_share'], '.0%')} | {f(r['idle_ms_per_token'], '.3f')} | "
-            f"{f(r['host_blocked_ms_per_token'], '.3f')} | {f(r['kernels_per_token'], '.0f')} | "
+            f"{f(r['verify_x_alone'])}) | {f(r.get('busy_share'), '.0%')} | {f(r.get('idle_ms_per_token'), '.3f')} | "
+            f"{f(r.get('host_blocked_ms_per_token'), '.3f')} | {f(r.get('activities_per_token'), '.0f')} | "
             f"{f(r.get('sm_clock_mean_mhz'), '.0f')} / {f(r.get('sm_clock_min_mhz'), '.0f')} / "
             f"{f(r.get('sm_clock_max_mhz'), '.0f')} |")
     return "\n".join(lines)
@@ -287,6 +336,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--real", action="store_true", help="the real pairs and HumanEval prompts (not random shapes)")
     ap.add_argument("--no-clock", action="store_true", help="no NVML clock sampling")
+    ap.add_argument("--no-timeline", action="store_true", help="no torch.profiler timeline")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     methods = args.methods.split(",")
@@ -298,6 +348,12 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("this benchmark needs a CUDA GPU (it times CUDA-graph replays)")
     clock = None if args.no_clock else ClockSampler(torch.cuda.current_device())
+    if not args.no_timeline:
+        # The profiler's CUDA tracing started after graphs were captured has crashed or hung
+        # (pytorch#75504); torch's own remedy initialises it before any capture.
+        init = getattr(torch.profiler._utils, "_init_for_cuda_graphs", None)
+        if init is not None:
+            init()
     result = {"command": "python benchmarks/loop_profile.py " + " ".join(sys.argv[1:]),
               "environment": environment([torch.device("cuda")]), "real": args.real, "rows": []}
 
@@ -320,7 +376,8 @@ def main() -> None:
                     continue
                 dec = get_decoder(method, target=target, draft=drafter, **params, **filt)
                 row = {"pair": name, "setting": setting, "decoder": method,
-                       **profile_decoder(dec, [target, drafter], prompts, args.new_tokens, clock)}
+                       **profile_decoder(dec, [target, drafter], prompts, args.new_tokens, clock,
+                                         with_timeline=not args.no_timeline)}
                 result["rows"].append(row)
                 save()
                 print(table([row]).splitlines()[-1], flush=True)

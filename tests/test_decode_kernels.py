@@ -154,7 +154,7 @@ def test_engine_takes_kernels_only_on_a_gpu():
 def test_strided_weights_are_refused_by_gemv_and_keep_a_model_off_the_kernels(monkeypatch):
     """The kernels read a weight as a dense row-major matrix: a transposed view would be read
     as another matrix, so gemv refuses it and an engine over such a model takes the compiled
-    layer (its logits stay the model's)."""
+    layer."""
     dtype = DTYPES[-1]
     x = _rand(1, 32, dtype=dtype, seed=21)
     strided = _rand(32, 48, dtype=dtype, seed=22).t()  # (48, 32), not contiguous
