@@ -6,6 +6,7 @@ import torch
 
 from decoders import probs as P
 from decoders.base import Decoder, _Progress
+from decoders.host_copy import HostCopy
 
 
 class SamplingDecoder(Decoder):
@@ -24,21 +25,24 @@ class SamplingDecoder(Decoder):
         target = self._cache(self.target)
         filt = self.config.filters
 
-        def queue_next(tokens: torch.Tensor) -> torch.Tensor:
-            """Queue a forward and a draw on the device; nothing waits for them."""
+        def queue_next(tokens: torch.Tensor) -> tuple[torch.Tensor, HostCopy]:
+            """Queue a forward, a draw and the drawn token's copy to the host; nothing waits for them."""
             p = target.probs(tokens, 1, filt)[0, -1]
             progress.timer.mark("verify")
             token = P.sample(p, generator)
+            read = HostCopy(token.view(1))
             progress.timer.mark("accept")
-            return token
+            return token, read
 
-        token = queue_next(input_ids)
+        token, read = queue_next(input_ids)
         while True:
             # Queue the next step before reading this token, so the device works
-            # while the host waits for the value; if this token ends the
-            # generation (EOS, a stop string), that one forward is wasted.
+            # while the host waits for the value and does its bookkeeping: the read
+            # waits for this token's copy, not for the step queued behind it. If
+            # this token ends the generation (EOS, a stop string), that one forward
+            # is wasted.
             following = queue_next(token.view(1, 1)) if progress.remaining > 1 else None
-            progress.commit([int(token)], drafted=0, accepted=0)
+            progress.commit(read.tolist(), drafted=0, accepted=0)
             if progress.finished:
                 return target.forwards, 0
-            token = following
+            token, read = following
