@@ -1,7 +1,7 @@
 """What each decoder's loop costs beyond its forwards: the loop against its own graphs replayed alone.
 
     python benchmarks/loop_profile.py [--pairs qwen,smollm2] [--methods sampling,specdecode,mtad,prompt_lookup,eagle]
-        [--settings greedy,t1] [--new-tokens 128] [--prompts 4] [--real] [--out PATH]
+        [--settings greedy,t1] [--new-tokens 128] [--prompts 4] [--real] [--host-ops] [--out PATH]
 
 Why: in the H200 pace runs every forward inside the decoders' loops took 1.3-1.6x
 what the same step's graph replay took in ``step_profile.py`` (sampling on the
@@ -27,7 +27,9 @@ measures it in one process, per pair, setting and decoder:
    time blocked in the runtime (synchronisations, and the device-to-host copies
    where each step's read waits), device activities per token and the kernels
    that took the most time (profiling slows replays: compare its ms per token
-   with the loop's);
+   with the loop's); with ``--host-ops`` also the host's operations, and
+   what it was doing while the device waited (per operation name, the time
+   inside the device's gaps; ``(between ops)`` is Python between them);
 4. the SM clock (NVML, sampled every 20 ms during the loop; its mean and
    lowest) against the card's maximum, and the clock-event reasons seen.
 
@@ -110,6 +112,35 @@ def timeline(intervals: list[tuple[float, float]]) -> Timeline:
     return Timeline(max(e for _, e in ordered) - ordered[0][0], busy, tuple(gaps))
 
 
+def gap_spans(intervals: list[tuple[float, float]], min_us: float = 20.0) -> list[tuple[float, float]]:
+    """The ``[start, end)`` stretches of at least ``min_us`` where none of ``intervals`` is active."""
+    spans, end = [], None
+    for s, e in sorted(intervals):
+        if end is not None and s - end >= min_us:
+            spans.append((end, s))
+        end = e if end is None else max(end, e)
+    return spans
+
+
+def host_in_gaps(gaps: list[tuple[float, float]], host_ops: list[tuple[str, float, float]]) -> collections.Counter:
+    """Microseconds of each host operation name (``(name, start, end)``, top-level ones) that fell
+    inside the device's ``gaps``; what the host was doing while the device waited for it. The
+    gaps' time no operation covers (Python between operations) is under ``"(between ops)"``."""
+    spent = collections.Counter()
+    ops = sorted(host_ops, key=lambda op: op[1])
+    for gs, ge in gaps:
+        covered = []
+        for name, s, e in ops:
+            if s >= ge:
+                break
+            overlap = min(e, ge) - max(s, gs)
+            if overlap > 0:
+                spent[name] += overlap
+                covered.append((max(s, gs), min(e, ge)))
+        spent["(between ops)"] += (ge - gs) - timeline(covered).busy_us
+    return spent
+
+
 def graphs_alone_ms(counts: dict[tuple, int], replay_ms: dict[tuple, float]) -> float:
     """What ``counts`` replays of each graph cost when each replay takes ``replay_ms`` of its graph."""
     return sum(count * replay_ms[key] for key, count in counts.items())
@@ -182,28 +213,37 @@ def replay_alone_ms(graph: static._Graph, repeats: int = 20, rounds: int = 5) ->
     return statistics.median(times)
 
 
-def device_timeline(fn) -> dict:
+def device_timeline(fn, host_ops: bool = False) -> dict:
     """Totals of the device's timeline while ``fn()`` runs (torch.profiler, CUDA activity):
     span, busy and idle microseconds, gaps over 20 us, device activities (kernels, copies),
     the host's time blocked in the runtime (synchronisations, and device-to-host copies into
-    pageable memory, where ``.tolist()`` waits), and microseconds per kernel name."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    pageable memory, where ``.tolist()`` waits), and microseconds per kernel name. With
+    ``host_ops``, the host's operations are recorded too (which slows the host a little) and
+    ``host_in_gaps_us`` says what it did while the device waited in gaps over 20 us."""
+    activities = [torch.profiler.ProfilerActivity.CUDA] + ([torch.profiler.ProfilerActivity.CPU] if host_ops else [])
+    with torch.profiler.profile(activities=activities) as prof:
         fn()
         torch.cuda.synchronize()
-    device, per_name, blocked_us, runtime_calls = [], collections.Counter(), 0.0, 0
+    device, per_name, blocked_us, runtime_calls, ops = [], collections.Counter(), 0.0, 0, []
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
             device.append((e.time_range.start, e.time_range.end))
             per_name[e.name[:80]] += e.time_range.elapsed_us()
-        elif e.name.startswith("cuda"):  # a runtime call on the host
+            continue
+        if e.name.startswith("cuda"):  # a runtime call on the host
             runtime_calls += 1
             if "Synchronize" in e.name or e.name.startswith("cudaMemcpy"):
                 blocked_us += e.time_range.elapsed_us()
+        if host_ops and e.cpu_parent is None:
+            ops.append((e.name[:60], e.time_range.start, e.time_range.end))
     line = timeline(device)
-    return {"span_us": line.span_us, "busy_us": line.busy_us, "idle_us": line.idle_us,
-            "gaps_over_20us": sum(g > 20 for g in line.gaps_us), "activities": len(device),
-            # None where the profiler recorded no runtime calls (then nothing is known of the host).
-            "host_blocked_us": blocked_us if runtime_calls else None, "per_name_us": per_name}
+    totals = {"span_us": line.span_us, "busy_us": line.busy_us, "idle_us": line.idle_us,
+              "gaps_over_20us": sum(g > 20 for g in line.gaps_us), "activities": len(device),
+              # None where the profiler recorded no runtime calls (then nothing is known of the host).
+              "host_blocked_us": blocked_us if runtime_calls else None, "per_name_us": per_name}
+    if host_ops:
+        totals["host_in_gaps_us"] = host_in_gaps(gap_spans(device), ops)
+    return totals
 
 
 def timeline_per_token(long: dict, short: dict, tokens: int) -> dict:
@@ -214,7 +254,11 @@ def timeline_per_token(long: dict, short: dict, tokens: int) -> dict:
 
     span, busy = diff("span_us"), diff("busy_us")
     per_name = long["per_name_us"] - short["per_name_us"]  # Counter subtraction keeps what grew
-    return {"profiled_ms_per_token": span / 1e3, "busy_share": busy / span if span else None,
+    host = {}
+    if "host_in_gaps_us" in long:
+        grew = long["host_in_gaps_us"] - short["host_in_gaps_us"]
+        host = {"host_in_gaps_us_per_token": {k: round(v / tokens, 2) for k, v in grew.most_common(15)}}
+    return {**host, "profiled_ms_per_token": span / 1e3, "busy_share": busy / span if span else None,
             "idle_ms_per_token": diff("idle_us") / 1e3, "gaps_over_20us_per_token": diff("gaps_over_20us"),
             "host_blocked_ms_per_token": None if diff("host_blocked_us") is None else diff("host_blocked_us") / 1e3,
             "activities_per_token": diff("activities"),
@@ -229,7 +273,8 @@ def _label(key: tuple) -> str:
             + (" features" if inputs > 1 else "") + (" hidden" if hidden else ""))
 
 
-def profile_decoder(dec, models, prompts, n: int, clock: ClockSampler | None, with_timeline: bool = True) -> dict:
+def profile_decoder(dec, models, prompts, n: int, clock: ClockSampler | None, with_timeline: bool = True,
+                    host_ops: bool = False) -> dict:
     """One decoder's row: the differenced loop, its graphs alone, the timeline and the clock."""
     with torch.inference_mode():
         dec.generate(max(prompts, key=lambda p: p.shape[1]), n + SHORT, torch.Generator().manual_seed(0))
@@ -281,7 +326,8 @@ def profile_decoder(dec, models, prompts, n: int, clock: ClockSampler | None, wi
         try:
             with torch.inference_mode():
                 runs = [device_timeline(lambda length=length: dec.generate(prompts[0], length,
-                                                                           torch.Generator().manual_seed(0)))
+                                                                           torch.Generator().manual_seed(0)),
+                                        host_ops)
                         for length in (n + SHORT, SHORT)]
             row.update(timeline_per_token(*runs, n))
         except Exception as exc:  # noqa: BLE001 - reported in the row, the run goes on
@@ -337,6 +383,8 @@ def main() -> None:
     ap.add_argument("--real", action="store_true", help="the real pairs and HumanEval prompts (not random shapes)")
     ap.add_argument("--no-clock", action="store_true", help="no NVML clock sampling")
     ap.add_argument("--no-timeline", action="store_true", help="no torch.profiler timeline")
+    ap.add_argument("--host-ops", action="store_true",
+                    help="record the host's operations in the timeline too, and say what it did in the device's gaps")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     methods = args.methods.split(",")
@@ -377,7 +425,7 @@ def main() -> None:
                 dec = get_decoder(method, target=target, draft=drafter, **params, **filt)
                 row = {"pair": name, "setting": setting, "decoder": method,
                        **profile_decoder(dec, [target, drafter], prompts, args.new_tokens, clock,
-                                         with_timeline=not args.no_timeline)}
+                                         with_timeline=not args.no_timeline, host_ops=args.host_ops)}
                 result["rows"].append(row)
                 save()
                 print(table([row]).splitlines()[-1], flush=True)

@@ -39,3 +39,22 @@ def test_graphs_alone_weighs_each_shape_by_its_replays():
     counts = {"one-token": 100, "five-token": 20}
     alone = {"one-token": 1.3, "five-token": 2.0, "unused": 9.0}
     assert loop_profile.graphs_alone_ms(counts, alone) == pytest.approx(100 * 1.3 + 20 * 2.0)
+
+
+def test_gaps_are_the_stretches_no_interval_covers():
+    spans = loop_profile.gap_spans([(50, 60), (0, 10), (5, 30), (100, 101), (31, 40)], min_us=5)
+    assert spans == [(40, 50), (60, 100)]  # 30-31 is under 5 us
+
+
+def test_host_time_in_gaps_is_split_by_operation_and_the_rest_is_between_ops():
+    gaps = [(10.0, 20.0), (30.0, 40.0)]
+    ops = [("aten::cat", 8.0, 12.0),  # 2 us inside the first gap
+           ("cudaGraphLaunch", 15.0, 18.0),  # 3 us inside it
+           ("aten::cat", 25.0, 35.0),  # 5 us inside the second
+           ("aten::copy_", 50.0, 60.0)]  # outside both
+    spent = loop_profile.host_in_gaps(gaps, ops)
+    assert spent["aten::cat"] == 7.0
+    assert spent["cudaGraphLaunch"] == 3.0
+    assert "aten::copy_" not in spent
+    assert spent["(between ops)"] == (10 - 5) + (10 - 5)
+    assert sum(spent.values()) == 20.0
