@@ -75,7 +75,7 @@ for s in $steps; do
     for tokens in 1 5; do
       step "decode kernels: a $tokens-token step per model shape"
       $py benchmarks/step_profile.py --tokens $tokens --models ${STEP_MODELS:-qwen2.5-1.5b,qwen2.5-0.5b,smollm2-135m,llama2-7b} \
-        --variants default,no-pdl,combine-kernel,compiled-layer $([ "$tokens" = 1 ] && echo --loop) \
+        --variants default,no-pdl,compiled-layer $([ "$tokens" = 1 ] && echo --loop) \
         --out "$out/step-profile-$tokens-tokens.json" 2>&1 \
         | grep --line-buffered -v -i warn
     done ;;

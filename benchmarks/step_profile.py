@@ -15,8 +15,6 @@ one process (the default first):
   kernels a layer, each launched to overlap the one before: programmatic
   dependent launch).
 - ``no-pdl``: the same kernels launched one after another.
-- ``combine-kernel``: the same kernels, the attention's chunks merged by a kernel of
-  their own (``decode_kernels.COMBINE_IN_CHUNKS`` off) instead of by their last program.
 - ``compiled-layer``: the layer under ``torch.compile`` in three regions with
   coordinate-descent tuning (``fused.compiled_layer``, the form before the kernels).
 - ``one-region``: the whole layer as one compiled function (the form before
@@ -52,8 +50,7 @@ from step_cost import CACHE, FILLED, build, copy_bandwidth, replay_ms  # noqa: E
 
 from decoders import decode_kernels, fused, get_decoder, static  # noqa: E402
 
-KERNEL_VARIANTS = ("default", "no-pdl", "combine-kernel")  # the decode kernels, launched differently
-VARIANTS = (*KERNEL_VARIANTS, "compiled-layer", "one-region", "no-cdt", "sdpa", "stack", "autotune")
+VARIANTS = ("default", "no-pdl", "compiled-layer", "one-region", "no-cdt", "sdpa", "stack", "autotune")
 
 
 def sdpa_attention(x, cos, sin, mask, keys, values, positions, ln1, qkv_w, qkv_b, o_w, o_b, ln2, *,
@@ -178,9 +175,8 @@ def main() -> None:
                 try:
                     set_variant(variant)
                     cache = static.StaticCachedModel(model, 1, CACHE, graphs=True, compile=variant != "stack")
-                    cache.engine.kernels = cache.engine.kernels and variant in KERNEL_VARIANTS
+                    cache.engine.kernels = cache.engine.kernels and variant in ("default", "no-pdl")
                     decode_kernels.PDL = variant != "no-pdl"
-                    decode_kernels.COMBINE_IN_CHUNKS = variant != "combine-kernel"
                     if variant == "stack":
                         cache.engine = _Stacked(cache.engine)
                         cache.compiled = True
@@ -209,7 +205,6 @@ def main() -> None:
                     static.release_all()
                     fused._compiled_layer = None
                     decode_kernels.PDL = True
-                    decode_kernels.COMBINE_IN_CHUNKS = True
                 if args.out:
                     args.out.parent.mkdir(parents=True, exist_ok=True)
                     args.out.write_text(json.dumps(result, indent=1))

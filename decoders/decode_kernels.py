@@ -7,15 +7,15 @@ microseconds of launch latency each. Measured on an H200 with the layer under
 ``torch.compile`` (benchmarks/step_profile.py): a Qwen2.5-1.5B layer ran 12-13
 kernels in 54 us where its bytes need 22; inductor's batch-1 reductions read
 the MLP weights at 1.8-3.1 TB/s of 4.2, and the other ten kernels were latency.
-Here a layer is five kernels, each doing all the work between two points where
+Here a layer is six kernels, each doing all the work between two points where
 a whole row must be complete:
 
 1. ``gemv`` with the RMS norm in its prologue and the bias in its epilogue: q, k, v;
 2. ``attention``: rotary of q and the new k, their write into the cache, and
    attention over the cache in chunks (each chunk one program; every chunk of the
    cache's capacity is launched, since a graph replays at any position, but one
-   past the new tokens returns at once and is not merged); the last chunk
-   program of each head to finish merges the chunks' partial softmaxes;
+   past the new tokens returns at once and is not merged), then a small kernel
+   that combines the chunks' partial softmaxes;
 3. ``gemv`` with the residual add in its epilogue: the output projection;
 4. ``gemv`` with the norm in its prologue and SiLU(gate) * up in its epilogue
    (each program computes matching gate and up columns);
@@ -272,21 +272,20 @@ if triton is not None:
                 tl.atomic_xchg(lock, 0)  # ready for the next launch (and the next graph replay)
 
 
-# Arrival counters of kernels whose last program finishes the work (split-K tiles, attention
-# heads), per device and kernel, made once and never replaced (captured graphs hold their
-# address): every launch leaves them at zero, so launches in one stream and graph replays
-# share them. Not for concurrent streams. A split launch has fewer tiles than twice the
-# multiprocessors (``_split_k``), far below the size.
-_COUNTER_COUNT = 4096
-_COUNTERS: dict[tuple[torch.device, str], torch.Tensor] = {}
+# Tile counters of split-K launches, per device, made once and never replaced (captured
+# graphs hold their address): every launch leaves them at zero, so launches in one
+# stream and graph replays share them. Not for concurrent streams. A split launch
+# has fewer tiles than twice the multiprocessors (``_split_k``), far below the size.
+_LOCK_COUNT = 4096
+_LOCKS: dict[torch.device, torch.Tensor] = {}
 
 
-def _counters(device: torch.device, kernel: str, needed: int) -> torch.Tensor:
-    if needed > _COUNTER_COUNT:
-        raise ValueError(f"a {kernel} launch needing {needed} counters needs more than {_COUNTER_COUNT}")
-    if (device, kernel) not in _COUNTERS:
-        _COUNTERS[device, kernel] = torch.zeros(_COUNTER_COUNT, dtype=torch.int32, device=device)
-    return _COUNTERS[device, kernel]
+def _locks(device: torch.device, tiles: int) -> torch.Tensor:
+    if tiles > _LOCK_COUNT:
+        raise ValueError(f"a split-K launch of {tiles} tiles needs more than {_LOCK_COUNT} counters")
+    if device not in _LOCKS:
+        _LOCKS[device] = torch.zeros(_LOCK_COUNT, dtype=torch.int32, device=device)
+    return _LOCKS[device]
 
 
 def _split_k(tiles: int, k_blocks: int, device: torch.device) -> int:
@@ -332,7 +331,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if split > 1:
         parts = torch.empty((2 if gated else 1) * split * tiles[1] * block_m * n, dtype=torch.float32,
                             device=x.device)
-        locks = _counters(x.device, "split-k", tiles[0] * tiles[1])
+        locks = _locks(x.device, tiles[0] * tiles[1])
     else:
         parts = locks = y  # unread without a split
     _gemv_dot_kernel[(*tiles, split)](*args, parts, locks, m, n, k, eps, BLOCK_M=block_m, SPLIT_K=split,
@@ -341,12 +340,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 
 
 # --- attention ---------------------------------------------------------------------------------
-
-# The last chunk program of each head merges the chunks' partial softmaxes (an arrival
-# counter, as split-K does), instead of a second kernel: one launch a layer fewer, on a
-# step that is mostly launch latency. False launches the separate combine kernel
-# (benchmarks/step_profile.py variant ``combine-kernel``).
-COMBINE_IN_CHUNKS = True
 
 if triton is not None:
 
@@ -367,16 +360,13 @@ if triton is not None:
 
     @triton.jit
     def _attention_chunk_kernel(qkv_ptr, keys_ptr, values_ptr, cos_ptr, sin_ptr, positions_ptr,
-                                part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, counter_ptr,
-                                n, max_length, chunks, scale,
+                                part_acc_ptr, part_max_ptr, part_sum_ptr, n, max_length, chunks, scale,
                                 HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr,
-                                BLOCK_Q: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr,
-                                COMBINE: tl.constexpr):
+                                BLOCK_Q: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
         # One program: cache row r, KV head h, cache positions [c * CHUNK, (c + 1) * CHUNK).
         # Its queries are the G = HEADS / KV_HEADS query heads of h times the n new tokens,
         # as query row i = g * n + t (head h * G + g, token t). A chunk past the new tokens
-        # does nothing (the combine reads only the chunks up to them). With COMBINE, the
-        # last chunk program of (r, h) to finish merges the chunks' partials into ``out``.
+        # does nothing (the combine reads only the chunks up to them).
         G: tl.constexpr = HEADS // KV_HEADS
         QKV: tl.constexpr = (HEADS + 2 * KV_HEADS) * D
         r = tl.program_id(0) // KV_HEADS
@@ -422,48 +412,8 @@ if triton is not None:
             tl.store(part_acc_ptr + part[:, None] * D + d[None, :], acc)
             tl.store(part_max_ptr + part, row_max)
             tl.store(part_sum_ptr + part, tl.sum(weights, axis=1))
-            if COMBINE:
-                # Count the chunk in; the one that completes the count merges them all, in
-                # chunk order (deterministic, whichever arrives last), then resets the
-                # counter for the next launch or replay.
-                used = tl.minimum(tl.cdiv(start + n, CHUNK), chunks)
-                tl.debug_barrier()  # every thread's partial is written before the counter moves
-                counter = counter_ptr + r * KV_HEADS + h
-                if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == used - 1:
-                    _merge_chunks(part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, r, h, n, chunks, used,
-                                  HEADS, KV_HEADS, D, BLOCK_Q)
-                    tl.atomic_xchg(counter, 0)
         # A skipped program neither waits nor writes (its exit lets the next kernel start);
         # chunk 0 always runs and waits, so this kernel still ends after the one before.
-
-    @triton.jit
-    def _merge_chunks(part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, r, h, n, chunks, used,
-                      HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr, BLOCK_Q: tl.constexpr):
-        # All query rows of (r, h): the partial softmaxes of chunks 0 .. used - 1 merged with a
-        # running maximum per row; out is (rows * n, HEADS * D). Rows past G * n are padding.
-        G: tl.constexpr = HEADS // KV_HEADS
-        i = tl.arange(0, BLOCK_Q)
-        d = tl.arange(0, D)
-        run_max = tl.full((BLOCK_Q,), float("-inf"), tl.float32)
-        total = tl.zeros((BLOCK_Q,), tl.float32)
-        acc = tl.zeros((BLOCK_Q, D), tl.float32)
-        for c in range(0, used):
-            part = ((r * KV_HEADS + h) * chunks + c) * BLOCK_Q + i
-            # .cg: the other programs' partials, from L2 (not a stale L1 line).
-            chunk_max = tl.load(part_max_ptr + part, cache_modifier=".cg")
-            new_max = tl.maximum(run_max, chunk_max)
-            ref = tl.where(new_max == float("-inf"), 0.0, new_max)  # nothing visible yet: all weights 0
-            weight = tl.exp(chunk_max - ref)
-            rescale = tl.exp(run_max - ref)
-            total = total * rescale + weight * tl.load(part_sum_ptr + part, cache_modifier=".cg")
-            chunk_acc = tl.load(part_acc_ptr + part[:, None] * D + d[None, :], cache_modifier=".cg")
-            acc = acc * rescale[:, None] + weight[:, None] * chunk_acc
-            run_max = new_max
-        out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
-        t = i % n
-        col = (h * G + i // n) * D
-        tl.store(out_ptr + ((r * n + t) * (HEADS * D) + col)[:, None] + d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=(i < G * n)[:, None])
 
     @triton.jit
     def _attention_combine_kernel(part_acc_ptr, part_max_ptr, part_sum_ptr, positions_ptr, out_ptr, n, chunks,
@@ -530,14 +480,12 @@ def attention(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cos: 
     out = torch.empty((rows * n, heads * head_dim), dtype=qkv.dtype, device=qkv.device)
     qkv = qkv.contiguous()
     pdl = _pdl(qkv.device)
-    counters = _counters(qkv.device, "attention", rows * kv_heads) if COMBINE_IN_CHUNKS else out
     _attention_chunk_kernel[(rows * kv_heads, chunks)](
-        qkv, keys, values, cos, sin, positions, part_acc, part_max, part_sum, out, counters, n, max_length,
-        chunks, head_dim**-0.5, HEADS=heads, KV_HEADS=kv_heads, D=head_dim, BLOCK_Q=block_q, CHUNK=CHUNK,
-        PDL=pdl, COMBINE=COMBINE_IN_CHUNKS, num_warps=4, launch_pdl=pdl)
-    if not COMBINE_IN_CHUNKS:
-        _attention_combine_kernel[(rows * kv_heads, block_q)](
-            part_acc, part_max, part_sum, positions, out, n, chunks, HEADS=heads, KV_HEADS=kv_heads, D=head_dim,
-            BLOCK_Q=block_q, BLOCK_C=min(32, triton.next_power_of_2(chunks)), CHUNK=CHUNK, PDL=pdl, num_warps=2,
-            launch_pdl=pdl)
+        qkv, keys, values, cos, sin, positions, part_acc, part_max, part_sum, n, max_length, chunks,
+        head_dim**-0.5, HEADS=heads, KV_HEADS=kv_heads, D=head_dim, BLOCK_Q=block_q, CHUNK=CHUNK, PDL=pdl,
+        num_warps=4, launch_pdl=pdl)
+    _attention_combine_kernel[(rows * kv_heads, block_q)](
+        part_acc, part_max, part_sum, positions, out, n, chunks, HEADS=heads, KV_HEADS=kv_heads, D=head_dim,
+        BLOCK_Q=block_q, BLOCK_C=min(32, triton.next_power_of_2(chunks)), CHUNK=CHUNK, PDL=pdl, num_warps=2,
+        launch_pdl=pdl)
     return out

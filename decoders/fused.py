@@ -221,7 +221,7 @@ class FusedForward:
         positions = torch.arange(max_length, device=param.device).view(1, -1)
         cos, sin = model.model.rotary_emb(self.keys[0, :1, 0], positions)
         self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()  # (max_length, head_dim)
-        # Decode steps through decoders.decode_kernels (five kernels a layer) where they run, and
+        # Decode steps through decoders.decode_kernels (six kernels a layer) where they run, and
         # where every weight they read is dense (a model holding strided views takes the compiled layer).
         self.kernels = (decode_kernels.available(param.device) and decode_kernels.supports(param.dtype, head_dim)
                         and all(decode_kernels.dense(*layer) for layer in self.weights.layers))
@@ -276,7 +276,7 @@ class FusedForward:
         return (logits, states) if hidden else logits
 
     def _kernel_layers(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """The layers through ``decode_kernels``: five launches a layer."""
+        """The layers through ``decode_kernels``: six launches a layer."""
         rows, n, width = x.shape
         x = x.reshape(rows * n, width)
         for i, (ln1, qkv_w, qkv_b, o_w, o_b, ln2, gate_up_w, gate_up_b, down_w, down_b) in enumerate(

@@ -95,10 +95,7 @@ def _reference_attention(qkv, keys, values, cos, sin, start, n, heads, kv_heads)
     (2, 3, 10, 4, 4),     # two cache rows (beams), no grouping
     (1, 1, 0, 6, 2),      # the first position
 ])
-@pytest.mark.parametrize("combine_in_chunks", [True, False])
-def test_attention_matches_the_layers_attention(dtype, rows, n, start, heads, kv_heads, combine_in_chunks,
-                                                monkeypatch):
-    monkeypatch.setattr(K, "COMBINE_IN_CHUNKS", combine_in_chunks)
+def test_attention_matches_the_layers_attention(dtype, rows, n, start, heads, kv_heads):
     d, max_length = 16, 160
     qkv = _rand(rows * n, (heads + 2 * kv_heads) * d, dtype=dtype, seed=8)
     keys = _rand(rows, kv_heads, max_length, d, dtype=dtype, seed=9)
@@ -111,8 +108,6 @@ def test_attention_matches_the_layers_attention(dtype, rows, n, start, heads, kv
     positions = torch.arange(start, start + n, device=DEVICE)
     got = K.attention(qkv, keys, values, cos, sin, positions, heads=heads, kv_heads=kv_heads)
     _close(got, expected, dtype)
-    # Every head's arrival counter is left at zero, for the next launch or graph replay.
-    assert not K._counters(qkv.device, "attention", 1).any()
     _close(keys, expected_keys, dtype)  # this step's keys rotated into the cache, the rest untouched
     assert torch.equal(values, expected_values)
 
@@ -195,13 +190,11 @@ def test_gemv_default_configs_on_real_layer_shapes(n, k, gated, rows):
         _close(K.gemv(x, w, residual=res), res + F.linear(x, w), torch.bfloat16)
 
 
-def test_arrival_counters_are_one_buffer_per_kernel_for_the_life_of_the_process():
-    """Captured graphs keep the counters' address: a later, wider launch must not replace them,
-    and the attention's counters are not the split-K tiles' (each kernel leaves its own at zero)."""
+def test_split_counters_are_one_buffer_for_the_life_of_the_process():
+    """Captured graphs keep the counters' address: a later, wider launch must not replace them."""
     device = torch.device(DEVICE)
-    first = K._counters(device, "split-k", 8)
+    first = K._locks(device, 8)
     K.gemv(_rand(2, 64, dtype=DTYPES[-1], seed=19), _rand(4800, 64, dtype=DTYPES[-1], seed=20))
-    assert K._counters(device, "split-k", K._COUNTER_COUNT) is first
-    assert K._counters(device, "attention", 8) is not first
+    assert K._locks(device, K._LOCK_COUNT) is first
     with pytest.raises(ValueError, match="counters"):
-        K._counters(device, "split-k", K._COUNTER_COUNT + 1)
+        K._locks(device, K._LOCK_COUNT + 1)
