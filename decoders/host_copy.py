@@ -24,9 +24,11 @@ class HostCopy:
             self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
             self._host.copy_(tensor, non_blocking=True)
             self._copied: torch.cuda.Event | None = torch.cuda.Event()
-            self._copied.record()  # the current stream, which the copy was queued on
+            # The stream the copy was queued on: the tensor's device's current stream (a plain
+            # record() would take the current device's, which may be another GPU's, idle).
+            self._copied.record(torch.cuda.current_stream(tensor.device))
         else:
-            self._host, self._copied = tensor, None
+            self._host, self._copied = tensor.clone(), None  # a snapshot, as on the GPU
 
     def tolist(self) -> list:
         """The values, once the copy has landed (blocks until it has, not longer)."""

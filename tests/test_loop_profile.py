@@ -44,6 +44,8 @@ def test_graphs_alone_weighs_each_shape_by_its_replays():
 def test_gaps_are_the_stretches_no_interval_covers():
     spans = loop_profile.gap_spans([(50, 60), (0, 10), (5, 30), (100, 101), (31, 40)], min_us=5)
     assert spans == [(40, 50), (60, 100)]  # 30-31 is under 5 us
+    # A long interval covers the shorter ones that start and end inside it.
+    assert loop_profile.gap_spans([(0, 100), (10, 20), (130, 140)]) == [(100, 130)]
 
 
 def test_host_time_in_gaps_is_split_by_operation_and_the_rest_is_between_ops():
@@ -58,3 +60,23 @@ def test_host_time_in_gaps_is_split_by_operation_and_the_rest_is_between_ops():
     assert "aten::copy_" not in spent
     assert spent["(between ops)"] == (10 - 5) + (10 - 5)
     assert sum(spent.values()) == 20.0
+
+
+def test_host_ops_overlapping_in_a_gap_leave_the_rest_between_ops_once():
+    # Two operations of another thread overlapping (2-8 and 4-9) inside one gap of 10: 7 us covered.
+    spent = loop_profile.host_in_gaps([(0.0, 10.0)], [("a", 2.0, 8.0), ("b", 4.0, 9.0)])
+    assert spent["(between ops)"] == 3.0
+    assert (spent["a"], spent["b"]) == (6.0, 5.0)
+
+
+def test_the_host_time_in_gaps_is_differenced_with_its_sign():
+    base = {"span_us": 100.0, "busy_us": 80.0, "idle_us": 20.0, "gaps_over_20us": 1, "activities": 10,
+            "host_blocked_us": None, "per_name_us": loop_profile.collections.Counter()}
+    long = {**base, "span_us": 300.0, "gaps_us": 60.0,
+            "host_in_gaps_us": loop_profile.collections.Counter({"launch": 50.0, "(between ops)": 10.0})}
+    short = {**base, "gaps_us": 20.0,
+             "host_in_gaps_us": loop_profile.collections.Counter({"launch": 5.0, "(between ops)": 15.0})}
+    row = loop_profile.timeline_per_token(long, short, tokens=10)
+    assert row["gaps_over_20us_us_per_token"] == 4.0
+    assert row["host_in_gaps_us_per_token"] == {"launch": 4.5, "(between ops)": -0.5}
+    assert sum(row["host_in_gaps_us_per_token"].values()) == row["gaps_over_20us_us_per_token"]
