@@ -82,16 +82,25 @@ class Timeline:
     Attributes:
         span_us: from the first start to the last end.
         busy_us: the length of the union of the intervals.
-        gaps_us: the idle stretches between them, in order.
+        gaps: the idle stretches between them, ``(start, end)``, in order.
     """
 
     span_us: float
     busy_us: float
-    gaps_us: tuple[float, ...]
+    gaps: tuple[tuple[float, float], ...]
 
     @property
     def idle_us(self) -> float:
         return self.span_us - self.busy_us
+
+    @property
+    def gaps_us(self) -> tuple[float, ...]:
+        """The gaps' lengths, in order."""
+        return tuple(e - s for s, e in self.gaps)
+
+    def gaps_over(self, min_us: float) -> list[tuple[float, float]]:
+        """The gaps longer than ``min_us``."""
+        return [(s, e) for s, e in self.gaps if e - s > min_us]
 
 
 def timeline(intervals: list[tuple[float, float]]) -> Timeline:
@@ -104,22 +113,12 @@ def timeline(intervals: list[tuple[float, float]]) -> Timeline:
     for s, e in ordered[1:]:
         if s > end:
             busy += end - start
-            gaps.append(s - end)
+            gaps.append((end, s))
             start, end = s, e
         else:
             end = max(end, e)
     busy += end - start
     return Timeline(max(e for _, e in ordered) - ordered[0][0], busy, tuple(gaps))
-
-
-def gap_spans(intervals: list[tuple[float, float]], min_us: float = 20.0) -> list[tuple[float, float]]:
-    """The ``[start, end)`` stretches of over ``min_us`` where none of ``intervals`` is active."""
-    spans, end = [], None
-    for s, e in sorted(intervals):
-        if end is not None and s - end > min_us:
-            spans.append((end, s))
-        end = e if end is None else max(end, e)
-    return spans
 
 
 def host_in_gaps(gaps: list[tuple[float, float]], host_ops: list[tuple[str, float, float]]) -> collections.Counter:
@@ -241,14 +240,14 @@ def device_timeline(fn, host_ops: bool = False) -> dict:
         if host_ops and e.cpu_parent is None and not e.name.startswith(PROFILER_OWN):
             ops.append((e.name[:60], e.time_range.start, e.time_range.end))
     line = timeline(device)
+    long_gaps = line.gaps_over(20.0)
     totals = {"span_us": line.span_us, "busy_us": line.busy_us, "idle_us": line.idle_us,
-              "gaps_over_20us": sum(g > 20 for g in line.gaps_us), "activities": len(device),
+              "gaps_over_20us": len(long_gaps), "activities": len(device),
               # None where the profiler recorded no runtime calls (then nothing is known of the host).
               "host_blocked_us": blocked_us if runtime_calls else None, "per_name_us": per_name}
     if host_ops:
-        gaps = gap_spans(device)
-        totals["host_in_gaps_us"] = host_in_gaps(gaps, ops)
-        totals["gaps_us"] = sum(e - s for s, e in gaps)
+        totals["host_in_gaps_us"] = host_in_gaps(long_gaps, ops)
+        totals["gaps_us"] = sum(e - s for s, e in long_gaps)
     return totals
 
 

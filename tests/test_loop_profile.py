@@ -42,10 +42,10 @@ def test_graphs_alone_weighs_each_shape_by_its_replays():
 
 
 def test_gaps_are_the_stretches_no_interval_covers():
-    spans = loop_profile.gap_spans([(50, 60), (0, 10), (5, 30), (100, 101), (31, 40)], min_us=5)
+    spans = loop_profile.timeline([(50, 60), (0, 10), (5, 30), (100, 101), (31, 40)]).gaps_over(5)
     assert spans == [(40, 50), (60, 100)]  # 30-31 is under 5 us
     # A long interval covers the shorter ones that start and end inside it.
-    assert loop_profile.gap_spans([(0, 100), (10, 20), (130, 140)]) == [(100, 130)]
+    assert loop_profile.timeline([(0, 100), (10, 20), (130, 140)]).gaps_over(20) == [(100, 130)]
 
 
 def test_host_time_in_gaps_is_split_by_operation_and_the_rest_is_between_ops():
