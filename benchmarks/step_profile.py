@@ -101,6 +101,9 @@ class _Stacked:
     def __call__(self, tokens, positions, mask, keep, compiled=False, features=None, hidden=False):
         return self._compiled(tokens, positions, mask, keep, features=features, hidden=hidden)
 
+    def takes_kernels(self, rows: int, compiled: bool) -> bool:
+        return False  # its layers are compiled: they read the mask
+
 
 def kernel_table(cache: static.StaticCachedModel, n: int, steps: int = 20) -> list[dict]:
     """Mean microseconds per step of every kernel name, over ``steps`` eager compiled ``n``-token forwards."""

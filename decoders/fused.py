@@ -228,7 +228,8 @@ class FusedForward:
         # The output head through the kernels too, unless it is more than a Linear (a draft's
         # head over a token subset) or a strided view.
         head = self.weights.head
-        self._dense_head = type(head) is torch.nn.Linear and decode_kernels.dense(head.weight, head.bias)
+        self._dense_head = (type(head) is torch.nn.Linear
+                            and decode_kernels.dense(head.weight, head.bias, self.weights.norm))
 
     @torch.no_grad()  # the model's parameters require grad; a decode step never does
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, keep: int,
@@ -236,7 +237,8 @@ class FusedForward:
         """Logits ``(rows, keep, V)`` in the model's dtype for ``tokens`` ``(rows, n)`` at ``positions`` ``(n,)``.
 
         ``mask`` is the additive attention mask ``(n, max_length)`` over the cache: the
-        causal one (``positions`` consecutive, each token seeing the cache up to itself).
+        causal one (``positions`` consecutive, each token seeing the cache up to itself);
+        None for a step that ``takes_kernels``.
         ``compiled``: the fast form of a decode step, for graph capture: the layers
         through ``decode_kernels`` where ``self.kernels`` (fp16/bf16 on a GPU) and the
         step is at most ``KERNEL_ROWS`` rows (they compute the causal mask from
@@ -251,7 +253,7 @@ class FusedForward:
             x = w.fuse(x, features)
         elif w.fuse is not None:
             raise ValueError("this model fuses features with its tokens: pass features=...")
-        kernels = compiled and self.kernels and x.shape[0] * x.shape[1] <= KERNEL_ROWS
+        kernels = self.takes_kernels(x.shape[0] * x.shape[1], compiled)
         if kernels:
             x = self._kernel_layers(x, positions)
         else:
@@ -261,19 +263,26 @@ class FusedForward:
             for i, params in enumerate(w.layers):
                 x = layer_fn(x, cos, sin, mask, self.keys[i], self.values[i], positions, *params,
                              heads=self.heads, kv_heads=self.kv_heads, eps=self.eps)
-        # The final norm over every position on all paths (with and without ``hidden``,
-        # with and without the kernels, as transformers' own forward does), so a step
-        # that also returns the hidden states (an EAGLE target's) gives the logits a
+        # The final norm over every position (as transformers' own forward does), so a
+        # step that also returns the hidden states (an EAGLE target's) gives the logits a
         # step of the same shape without them gives.
-        states = _rms_norm(x, w.norm, self.eps)
-        kept = states[:, -keep:]
+        # On the kernels the head's launch normalises its rows itself (its norm prologue):
+        # the same rounding, and four launches fewer a step; the states are normed apart
+        # only for a step that returns them, and the logits do not depend on that.
+        states = _rms_norm(x, w.norm, self.eps) if hidden or not (kernels and self._dense_head) else None
         if kernels and self._dense_head:
-            rows = kept.shape[0]
-            logits = decode_kernels.gemv(kept.reshape(rows * keep, -1), w.head.weight, w.head.bias)
+            rows = x.shape[0]
+            logits = decode_kernels.gemv(x[:, -keep:].reshape(rows * keep, -1), w.head.weight, w.head.bias,
+                                         norm=w.norm, eps=self.eps)
             logits = logits.view(rows, keep, -1)
         else:
-            logits = w.head(kept)
+            logits = w.head(states[:, -keep:])
         return (logits, states) if hidden else logits
+
+    def takes_kernels(self, rows: int, compiled: bool) -> bool:
+        """Whether a step of ``rows`` rows (tokens fed x cache rows) runs ``decode_kernels``
+        (which need no ``mask``)."""
+        return compiled and self.kernels and rows <= KERNEL_ROWS
 
     def _kernel_layers(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The layers through ``decode_kernels``: six launches a layer."""

@@ -11,12 +11,23 @@ from __future__ import annotations
 
 import torch
 
+from decoders import filter_kernel
+
 
 def filtered_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     """Turn logits ``(..., V)`` into filtered probabilities ``(..., V)`` (float32).
 
-    Temperature 0 gives a one-hot distribution on the argmax.
+    Temperature 0 gives a one-hot distribution on the argmax. On a GPU a top-k
+    filter runs as three kernels (``decoders.filter_kernel``), the same result.
     """
+    logits = logits.float()
+    if logits.is_cuda and filter_kernel.supports(logits, temperature, top_k):
+        return filter_kernel.filtered_probs(logits, temperature, top_k, top_p)
+    return filtered_probs_torch(logits, temperature, top_k, top_p)
+
+
+def filtered_probs_torch(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """``filtered_probs`` in PyTorch operations: the reference, and every filter on a CPU."""
     logits = logits.float()
     if temperature == 0:
         # scatter, not one_hot: one_hot checks its indices on the host, a device

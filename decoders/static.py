@@ -227,9 +227,11 @@ class StaticCachedModel:
         if features is not None:
             features = features.expand(self.rows, *features.shape[1:])
         positions = self._start + self._kv_index[:n]
-        visible = self._kv_index.view(1, -1) <= positions.view(-1, 1)  # (n, max_length)
-        mask = torch.zeros(visible.shape, dtype=self._dtype, device=self.device)
-        mask = mask.masked_fill(~visible, torch.finfo(self._dtype).min)
+        mask = None  # the decode kernels find the causal mask from the positions themselves
+        if self.engine is None or not self.engine.takes_kernels(self.rows * n, compiled):
+            visible = self._kv_index.view(1, -1) <= positions.view(-1, 1)  # (n, max_length)
+            mask = torch.zeros(visible.shape, dtype=self._dtype, device=self.device)
+            mask = mask.masked_fill(~visible, torch.finfo(self._dtype).min)
         if self.engine is not None:
             out = self.engine(tokens, positions, mask, keep, compiled, features=features, hidden=hidden)
         else:
