@@ -18,7 +18,7 @@ PyTorch, 24.5 us here; H100, benchmarks/filter_cost.py). Here, over chunks of th
    chunks' sums, runs top-p over the k sorted probabilities (tokens tied with the
    k-th beyond the k counted in), and writes the row's probabilities.
 
-The result is ``probs._filtered_probs_torch``'s, to float32 rounding: the same
+The result is ``probs.filtered_probs_torch``'s, to float32 rounding: the same
 threshold on the same scaled logits (ties with the k-th logit stay), the same
 nucleus over the k sorted survivors, the same renormalisation (tests/test_filter_kernel.py).
 Only top-k filters (a top-p without top-k needs a sort of the whole vocabulary)
@@ -41,8 +41,9 @@ CHUNK = 4096
 
 
 def supports(logits: torch.Tensor, temperature: float, top_k: int) -> bool:
-    """Whether the kernels serve this filter: a CUDA tensor (or the interpreter), temperature
-    above 0 and a top-k of at most ``MAX_K`` below the vocabulary size."""
+    """Whether the kernels serve this filter: float32 logits, temperature above 0 and a top-k
+    of at most ``MAX_K`` below the vocabulary size (the caller checks the device: a CUDA
+    tensor, or Triton's interpreter in the tests)."""
     return (triton is not None and logits.dtype == torch.float32 and temperature > 0
             and 0 < top_k <= MAX_K and top_k < logits.shape[-1])
 

@@ -269,8 +269,9 @@ class FusedForward:
         # On the kernels the head's launch normalises its rows itself (its norm prologue):
         # the same rounding, and four launches fewer a step; the states are normed apart
         # only for a step that returns them, and the logits do not depend on that.
-        states = _rms_norm(x, w.norm, self.eps) if hidden or not (kernels and self._dense_head) else None
-        if kernels and self._dense_head:
+        head_kernel = kernels and self._dense_head
+        states = _rms_norm(x, w.norm, self.eps) if hidden or not head_kernel else None
+        if head_kernel:
             rows = x.shape[0]
             logits = decode_kernels.gemv(x[:, -keep:].reshape(rows * keep, -1), w.head.weight, w.head.bias,
                                          norm=w.norm, eps=self.eps)
