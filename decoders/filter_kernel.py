@@ -51,12 +51,10 @@ def supports(logits: torch.Tensor, temperature: float, top_k: int) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _row_top(cand_ptr, row, chunks, k, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
-        # The k largest of a row's chunk candidates (with multiplicity), in descending order
-        # in the first k places of a BLOCK_K vector (-inf after), one maximum at a time.
-        idx = tl.arange(0, BLOCK_C * BLOCK_K)
-        vals = tl.load(cand_ptr + row * BLOCK_C * BLOCK_K + idx, mask=idx // BLOCK_K < chunks,
-                       other=float("-inf"))
+    def _k_largest(vals, idx, k, BLOCK_K: tl.constexpr):
+        # The k largest of vals (with multiplicity; idx their positions, 0..len-1), in
+        # descending order in the first k places of a BLOCK_K vector (-inf after), one
+        # maximum at a time.
         j = tl.arange(0, BLOCK_K)
         top = tl.full((BLOCK_K,), float("-inf"), tl.float32)
         for i in range(k):
@@ -66,31 +64,40 @@ if triton is not None:
         return top
 
     @triton.jit
+    def _scaled_chunk(logits_ptr, row, c, vocab, inv_temperature, CHUNK: tl.constexpr):
+        # Chunk c of a row's logits times 1 / T (-inf past the vocabulary), and their positions.
+        p = c * CHUNK + tl.arange(0, CHUNK)
+        vals = tl.load(logits_ptr + row * vocab + p, mask=p < vocab, other=float("-inf")) * inv_temperature
+        return vals, p
+
+    @triton.jit
+    def _row_top(cand_ptr, row, chunks, k, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+        # The row's k largest scaled logits, merged from its chunks' candidates, with the
+        # first of them (the softmax's maximum) and the k-th (the top-k threshold).
+        idx = tl.arange(0, BLOCK_C * BLOCK_K)
+        vals = tl.load(cand_ptr + row * BLOCK_C * BLOCK_K + idx, mask=idx // BLOCK_K < chunks,
+                       other=float("-inf"))
+        top = _k_largest(vals, idx, k, BLOCK_K)
+        high = tl.max(top, 0)
+        kth = tl.min(tl.where(tl.arange(0, BLOCK_K) < k, top, float("inf")), 0)
+        return top, high, kth
+
+    @triton.jit
     def _chunk_top_kernel(logits_ptr, cand_ptr, vocab, inv_temperature, k,
                           BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr):
         row = tl.program_id(0)
         c = tl.program_id(1)
-        p = c * CHUNK + tl.arange(0, CHUNK)
-        vals = tl.load(logits_ptr + row * vocab + p, mask=p < vocab, other=float("-inf")) * inv_temperature
-        j = tl.arange(0, BLOCK_K)
-        top = tl.full((BLOCK_K,), float("-inf"), tl.float32)
-        for i in range(k):
-            best, at = tl.max(vals, 0, return_indices=True, return_indices_tie_break_left=True)
-            top = tl.where(j == i, best, top)
-            vals = tl.where(tl.arange(0, CHUNK) == at, float("-inf"), vals)
-        tl.store(cand_ptr + (row * BLOCK_C + c) * BLOCK_K + j, top)
+        vals, _ = _scaled_chunk(logits_ptr, row, c, vocab, inv_temperature, CHUNK)
+        top = _k_largest(vals, tl.arange(0, CHUNK), k, BLOCK_K)
+        tl.store(cand_ptr + (row * BLOCK_C + c) * BLOCK_K + tl.arange(0, BLOCK_K), top)
 
     @triton.jit
     def _chunk_mass_kernel(logits_ptr, cand_ptr, mass_ptr, count_ptr, vocab, inv_temperature, k, chunks,
                            BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr):
         row = tl.program_id(0)
         c = tl.program_id(1)
-        top = _row_top(cand_ptr, row, chunks, k, BLOCK_C, BLOCK_K)
-        j = tl.arange(0, BLOCK_K)
-        high = tl.max(top, 0)
-        kth = tl.min(tl.where(j < k, top, float("inf")), 0)
-        p = c * CHUNK + tl.arange(0, CHUNK)
-        vals = tl.load(logits_ptr + row * vocab + p, mask=p < vocab, other=float("-inf")) * inv_temperature
+        _, high, kth = _row_top(cand_ptr, row, chunks, k, BLOCK_C, BLOCK_K)
+        vals, _ = _scaled_chunk(logits_ptr, row, c, vocab, inv_temperature, CHUNK)
         kept = vals >= kth
         tl.store(mass_ptr + row * BLOCK_C + c, tl.sum(tl.where(kept, tl.exp(vals - high), 0.0), 0))
         tl.store(count_ptr + row * BLOCK_C + c, tl.sum(kept.to(tl.int32), 0))
@@ -101,15 +108,11 @@ if triton is not None:
                       CHUNK: tl.constexpr):
         row = tl.program_id(0)
         c = tl.program_id(1)
-        top = _row_top(cand_ptr, row, chunks, k, BLOCK_C, BLOCK_K)
-        j = tl.arange(0, BLOCK_K)
-        in_k = j < k
-        high = tl.max(top, 0)
-        kth = tl.min(tl.where(in_k, top, float("inf")), 0)
+        top, high, kth = _row_top(cand_ptr, row, chunks, k, BLOCK_C, BLOCK_K)
+        in_k = tl.arange(0, BLOCK_K) < k
         cs = tl.arange(0, BLOCK_C)
         total = tl.sum(tl.load(mass_ptr + row * BLOCK_C + cs, mask=cs < chunks, other=0.0), 0)
-        p = c * CHUNK + tl.arange(0, CHUNK)
-        vals = tl.load(logits_ptr + row * vocab + p, mask=p < vocab, other=float("-inf")) * inv_temperature
+        vals, p = _scaled_chunk(logits_ptr, row, c, vocab, inv_temperature, CHUNK)
         probs = tl.where(vals >= kth, tl.exp(vals - high) / total, 0.0)
         if NUCLEUS:
             # The nucleus over the k sorted survivors (as the PyTorch filter gathers them): a
