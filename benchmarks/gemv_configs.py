@@ -75,6 +75,10 @@ def main() -> None:
     ap.add_argument("--block-n", default="1,2,4,8,16")
     ap.add_argument("--block-k", default="256,512,1024,2048")
     ap.add_argument("--warps", default="1,2,8", help="tried on the best block shape (4 warps first)")
+    ap.add_argument("--stages", default="1", help="pipeline stages tried with every block shape")
+    ap.add_argument("--splits", default="",
+                    help="K splits tried on the best configuration of a tensor-core launch (2+ rows), "
+                         "besides the split _split_k picks")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     bandwidth = copy_bandwidth()
@@ -87,7 +91,8 @@ def main() -> None:
     with torch.inference_mode():
         for name in args.models.split(","):
             for role, spec in matrices(name).items():
-                for row in sweep(spec, ints(args.rows), first, ints(args.warps), l2):
+                for row in sweep(spec, ints(args.rows), first, ints(args.warps), l2, ints(args.stages),
+                                 ints(args.splits) if args.splits else []):
                     row.update(model=name, role=role, floor_us=1e6 * row["bytes"] / bandwidth)
                     tbs = lambda us, r=row: r["bytes"] / us / 1e6  # noqa: E731
                     print(f"{name:13s} {role:7s} {row['n']:6d}x{row['k']:<5d} rows {row['rows']:2d}: floor "
@@ -100,9 +105,11 @@ def main() -> None:
                     args.out.write_text(json.dumps(result, indent=1))
 
 
-def sweep(spec: dict, rows_list: list[int], shapes: list[tuple[int, int]], warps: list[int], l2: int) -> list[dict]:
-    """One matrix: cuBLAS, the default configuration, every block shape at 4 warps, then
-    other warp counts on the best shape, for each row count."""
+def sweep(spec: dict, rows_list: list[int], shapes: list[tuple[int, int]], warps: list[int], l2: int,
+          stages: list[int], splits: list[int]) -> list[dict]:
+    """One matrix: cuBLAS, the default configuration, every block shape and stage count at
+    4 warps, then other warp counts on the best, then (2+ rows) other K splits on the best,
+    for each row count."""
     n, k = spec["n"], spec["k"]
     nbytes = n * k * 2
     copies = max(4, -(-4 * l2 // nbytes))
@@ -130,14 +137,24 @@ def sweep(spec: dict, rows_list: list[int], shapes: list[tuple[int, int]], warps
 
         for bn, bk in shapes:
             if bk // 2 < k:
-                attempt((bn, bk, 4, 1))
-        bn, bk, _, _ = min(timed, key=timed.get)
+                for st in stages:
+                    attempt((bn, bk, 4, st))
+        bn, bk, _, st = min(timed, key=timed.get)
         for w in warps:
-            attempt((bn, bk, w, 1))
+            attempt((bn, bk, w, st))
         best = min(timed, key=timed.get)
+        if rows > K.ROW_KERNEL_ROWS:
+            for sp in splits:
+                if sp <= -(-k // best[1]):
+                    attempt((*best[:4], sp))
+            best = min(timed, key=timed.get)
+        default = K.gemv_config(out_n, k, rows, spec.get("gated", False), spec.get("norm", False))
+        if rows > K.ROW_KERNEL_ROWS:  # the split the default takes, on this GPU
+            tiles = -(-out_n // default[0]) * -(-rows // max(16, 1 << (rows - 1).bit_length()))
+            default = (*default, K._split_k(tiles, -(-k // default[1]), x.device))
         rows_out.append({"n": n, "k": k, "rows": rows, "bytes": nbytes,
                          "cublas_us": graph_us(lambda i, x=x: F.linear(x, weights[i], bias), copies),
-                         "default": K.gemv_config(out_n, k, rows, spec.get("gated", False)),
+                         "default": default,
                          "default_us": graph_us(run(None), copies), "best": best, "best_us": timed[best],
                          "configs": {",".join(map(str, c)): t for c, t in timed.items()}})
     return rows_out

@@ -64,10 +64,10 @@ def kernel_path():
 
     config = decode_kernels.gemv_config
 
-    def few_programs(n, k, rows=1, gated=False):
+    def few_programs(n, k, rows=1, gated=False, norm=False):
         # Under the interpreter each program is a loop in Python: wide output blocks, few
         # programs (the configurations the GPU uses are test_decode_kernels' business).
-        block_n, block_k, warps, stages = config(n, k, rows, gated)
+        block_n, block_k, warps, stages = config(n, k, rows, gated, norm)
         return max(block_n, 64), block_k, warps, stages
 
     gemv = decode_kernels.gemv
