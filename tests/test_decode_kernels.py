@@ -57,11 +57,25 @@ def test_gemv_rows_are_independent_and_deterministic():
     x = _rand(7, 512, dtype=dtype, seed=5)
     w = _rand(2 * 64, 512, dtype=dtype, seed=6)
     ln = _rand(512, dtype=dtype, seed=7)
-    assert K._split_k(4, 512 // K.gemv_config(64, 512, 7)[1], x.device) > 1  # the split path is what runs
+    block_k = K.gemv_config(64, 512, 7, gated=True, norm=True)[1]
+    assert K._split_k(4, 512 // block_k, x.device) > 1  # the split path is what runs
     together = K.gemv(x, w, norm=ln, eps=1e-6, gated=True)
     assert torch.equal(K.gemv(x, w, norm=ln, eps=1e-6, gated=True), together)
     for i in (0, 3, 5):
         assert torch.equal(K.gemv(x[i:i + 2], w, norm=ln, eps=1e-6, gated=True)[0], together[i])
+
+
+def test_gemv_takes_the_split_its_config_names():
+    """A fifth number in ``config`` sets the tensor-core kernel's K split (what
+    benchmarks/gemv_configs.py sweeps) in place of ``_split_k``'s; every split gives the product."""
+    dtype = DTYPES[-1]
+    x = _rand(5, 512, dtype=dtype, seed=8)
+    w = _rand(64, 512, dtype=dtype, seed=9, scale=512**-0.5)
+    res = _rand(5, 64, dtype=dtype, seed=10)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(K, "_split_k", lambda *args: pytest.fail("the configured split was not taken"))
+        for split in (1, 3, 8):
+            _close(K.gemv(x, w, residual=res, config=(32, 64, 4, 1, split)), res + F.linear(x, w), dtype)
 
 
 def test_gemv_refuses_a_prompt():
