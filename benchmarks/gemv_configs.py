@@ -150,8 +150,7 @@ def sweep(spec: dict, rows_list: list[int], shapes: list[tuple[int, int]], warps
             best = min(timed, key=timed.get)
         default = K.gemv_config(out_n, k, rows, spec.get("gated", False), spec.get("norm", False))
         if rows > K.ROW_KERNEL_ROWS:  # the split the default takes, on this GPU
-            tiles = -(-out_n // default[0]) * -(-rows // max(16, 1 << (rows - 1).bit_length()))
-            default = (*default, K._split_k(tiles, -(-k // default[1]), x.device))
+            default = (*default, K.tensor_core_launch(rows, out_n, k, default, x.device)[2])
         rows_out.append({"n": n, "k": k, "rows": rows, "bytes": nbytes,
                          "cublas_us": graph_us(lambda i, x=x: F.linear(x, weights[i], bias), copies),
                          "default": default,

@@ -300,9 +300,22 @@ def _split_k(tiles: int, k_blocks: int, device: torch.device) -> int:
     return max(1, min(k_blocks, -(-2 * sms // tiles), 16))
 
 
+def tensor_core_launch(m: int, n: int, k: int, config: tuple[int, ...],
+                       device: torch.device) -> tuple[int, tuple[int, int], int]:
+    """How the tensor-core kernel is launched for ``m`` rows of ``(n, k)`` under ``config``:
+    ``(block_m, tiles, split)``, its rows per tile, its grid of output tiles and its K split
+    (``config``'s fifth number, else ``_split_k``'s on this device). One place, so that the
+    benchmark reports the split the launch takes."""
+    block_n, block_k = config[:2]
+    block_m = max(16, triton.next_power_of_2(m))
+    tiles = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+    split = config[4] if len(config) > 4 else _split_k(tiles[0] * tiles[1], triton.cdiv(k, block_k), device)
+    return block_m, tiles, split
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
          norm: torch.Tensor | None = None, eps: float = 0.0, residual: torch.Tensor | None = None,
-         gated: bool = False, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+         gated: bool = False, config: tuple[int, ...] | None = None) -> torch.Tensor:
     """``F.linear`` of ``x`` ``(M, K)`` with ``weight`` ``(N, K)``, with optional fused steps.
 
     ``norm``: RMS-normalise each row of ``x`` first (weight ``(K,)``, ``eps``).
@@ -320,7 +333,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
                          "(.contiguous() makes a copy)")
     x = x.contiguous()
     y = torch.empty((m, n), dtype=weight.dtype, device=x.device)
-    block_n, block_k, warps, stages, *split = config or gemv_config(n, k, m, gated, norm is not None)
+    config = config or gemv_config(n, k, m, gated, norm is not None)
+    block_n, block_k, warps, stages = config[:4]
     dummy = weight  # pointer arguments a disabled step never reads
     args = (x, weight, y, norm if norm is not None else dummy, bias if bias is not None else dummy,
             residual.contiguous() if residual is not None else dummy)
@@ -332,9 +346,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         _gemv_rows_kernel[(triton.cdiv(n, block_n),)](*args, m, n, k, eps, BLOCK_M=8, PDL=pdl, launch_pdl=pdl,
                                                       **flags)
         return y
-    block_m = max(16, triton.next_power_of_2(m))
-    tiles = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
-    split = split[0] if split else _split_k(tiles[0] * tiles[1], triton.cdiv(k, block_k), x.device)
+    block_m, tiles, split = tensor_core_launch(m, n, k, config, x.device)
     if split > 1:
         parts = torch.empty((2 if gated else 1) * split * tiles[1] * block_m * n, dtype=torch.float32,
                             device=x.device)
