@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from decoders.assisted import AssistedDecoder, Proposal, Proposer, Verdict
@@ -40,12 +39,21 @@ class NgramProposer(Proposer):
     Example: with history ``a b c d b c`` and ``max_ngram=2``, the suffix ``b c``
     occurred at position 1, so the proposal is what followed it: ``d b c``
     (cut to the budget).
+
+    The lookup sits between the host's read of one iteration and the launch of the
+    next, with the device idle, so it is an index, not a search: every n-gram
+    (``min_ngram .. max_ngram`` tokens) that is followed by a token maps to its latest
+    start, updated as tokens are committed; a lookup is ``max_ngram`` dictionary
+    reads. (A numpy scan of the history took about 140 us per lookup on a CPU, a
+    fifth of a SmolLM2-sized verification on a GPU.)
     """
 
     def __init__(self, prompt: list[int], max_ngram: int, min_ngram: int, device: torch.device) -> None:
-        self.history = np.asarray(prompt, dtype=np.int64)
+        self.history: list[int] = []
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self.device = device
+        self._latest: dict[tuple[int, ...], int] = {}  # n-gram -> latest start among those followed by a token
+        self._extend(list(prompt))
 
     def propose(self, seq: torch.Tensor, budget: int, generator: torch.Generator) -> Proposal:
         found = self.lookup(budget)
@@ -55,16 +63,22 @@ class NgramProposer(Proposer):
         """The up to ``budget`` tokens after the latest earlier match of the longest suffix that has one."""
         h = self.history
         for n in range(min(self.max_ngram, len(h) - 1), self.min_ngram - 1, -1):
-            # Windows starting at 0 .. len - n - 1: each is followed by at least one token.
-            windows = np.lib.stride_tricks.sliding_window_view(h[:-1], n)
-            hits = np.flatnonzero((windows == h[-n:]).all(axis=1))
-            if hits.size:
-                start = int(hits[-1]) + n
-                return h[start : start + budget].tolist()
+            start = self._latest.get(tuple(h[-n:]))
+            if start is not None:
+                return h[start + n : start + n + budget]
         return []
 
     def commit(self, tokens: list[int], kept: int) -> None:
-        self.history = np.concatenate([self.history, np.asarray(tokens, dtype=np.int64)])
+        self._extend(tokens)
+
+    def _extend(self, tokens: list[int]) -> None:
+        h = self.history
+        for token in tokens:
+            # Appending a token makes the n-grams that end just before it "followed by a token".
+            end = len(h)
+            for n in range(self.min_ngram, min(self.max_ngram, end) + 1):
+                self._latest[tuple(h[end - n : end])] = end - n
+            h.append(int(token))
 
 
 class PromptLookupDecoder(AssistedDecoder):

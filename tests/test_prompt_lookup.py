@@ -58,6 +58,31 @@ def test_proposer_follows_committed_tokens():
     assert proposer.lookup(3) == [3, 1, 2]
 
 
+def _scan(history, budget, max_ngram, min_ngram):
+    """The definition, by brute force: the latest earlier window equal to the longest suffix."""
+    for n in range(min(max_ngram, len(history) - 1), min_ngram - 1, -1):
+        starts = [i for i in range(len(history) - n) if history[i : i + n] == history[-n:]]
+        if starts:
+            return history[starts[-1] + n : starts[-1] + n + budget]
+    return []
+
+
+@pytest.mark.parametrize(("max_ngram", "min_ngram"), [(3, 1), (4, 2), (1, 1)])
+def test_index_agrees_with_a_scan_of_the_history(max_ngram, min_ngram):
+    """The proposer's n-gram index (updated as tokens are committed, in chunks of any size)
+    proposes what a scan of the whole history finds, after every commit."""
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        history = torch.randint(0, 4, (5,), generator=rng).tolist()  # a small vocabulary: many repeats
+        proposer = NgramProposer(history, max_ngram, min_ngram, torch.device("cpu"))
+        for _ in range(15):
+            new = torch.randint(0, 4, (int(torch.randint(1, 5, (1,), generator=rng)),), generator=rng).tolist()
+            proposer.commit(new, kept=len(history))
+            history = history + new
+            for budget in (1, 3, 8):
+                assert proposer.lookup(budget) == _scan(history, budget, max_ngram, min_ngram), history
+
+
 def test_bad_ngram_range_is_refused(tiny):
     with pytest.raises(ValueError, match=r"min_ngram \(3\) must be <= max_ngram \(2\)"):
         get_decoder("prompt_lookup", target=tiny.target, max_ngram=2, min_ngram=3)
