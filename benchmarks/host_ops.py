@@ -22,15 +22,18 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
+import sys
 from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import decoders
-from decoders import static
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from markdown_result import print_table, write_result  # noqa: E402
+
+import decoders  # noqa: E402
+from decoders import static  # noqa: E402
 
 METHODS = ("sampling", "specdecode", "prompt_lookup", "mtad")
 SETTINGS = {"greedy": {"temperature": 0.0}, "t1": {"temperature": 1.0, "top_k": 10, "top_p": 0.9}}
@@ -117,18 +120,13 @@ def main() -> None:
     prompt = torch.tensor([[5, 6, 7, 8, 9, 10] * 16])  # repeats, so prompt lookup drafts
     rows = [measure(m, s, target, draft, prompt, args.new_tokens)
             for m in args.methods.split(",") for s in args.settings.split(",") if (m, s) != ("mtad", "greedy")]
-    print("| decoder | setting | forwards / iteration | launches / iteration | views | most frequent launches |"
-          " launches / iteration on a GPU |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        top = ", ".join(f"{k.split('.')[1]} {v:.1f}" for k, v in list(r["top_launches"].items())[:5])
-        print(f"| {r['method']} | {r['setting']} | {r['forwards_per_iteration']:.2f} | "
-              f"{r['launches_per_iteration']:.1f} | {r['views_per_iteration']:.1f} | {top} | "
-              f"{r['gpu_launches_per_iteration']:.0f} |")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"command": "python benchmarks/host_ops.py", "rows": rows}, indent=1))
-
+    print_table(["decoder", "setting", "forwards / iteration", "launches / iteration", "views",
+                 "most frequent launches", "launches / iteration on a GPU"],
+                [[r["method"], r["setting"], f"{r['forwards_per_iteration']:.2f}", f"{r['launches_per_iteration']:.1f}",
+                  f"{r['views_per_iteration']:.1f}",
+                  ", ".join(f"{k.split('.')[1]} {v:.1f}" for k, v in list(r["top_launches"].items())[:5]),
+                  f"{r['gpu_launches_per_iteration']:.0f}"] for r in rows])
+    write_result(args.out, rows)
 
 if __name__ == "__main__":
     main()

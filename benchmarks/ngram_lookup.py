@@ -14,15 +14,18 @@ the way code does (copied spans among random tokens).
 from __future__ import annotations
 
 import argparse
-import json
 import random
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from decoders.prompt_lookup import NgramProposer
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from markdown_result import print_table, write_result  # noqa: E402
+
+from decoders.prompt_lookup import NgramProposer  # noqa: E402
 
 VOCAB = 49152
 
@@ -82,15 +85,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     rows = [time_iterations(int(n), args.iterations, args.gamma, 3, 1) for n in args.lengths.split(",")]
-    print("| history (tokens) | index, us per iteration | scan, us per iteration | scan / index | same drafts |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['history']:,} | {r['index_us']:.1f} | {r['scan_us']:.1f} | {r['scan_x_index']:.0f}x | "
-              f"{r['same_drafts']} |")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"command": "python benchmarks/ngram_lookup.py", "rows": rows}, indent=1))
-
+    print_table(["history (tokens)", "index, us per iteration", "scan, us per iteration", "scan / index",
+                 "same drafts"],
+                [[f"{r['history']:,}", f"{r['index_us']:.1f}", f"{r['scan_us']:.1f}", f"{r['scan_x_index']:.0f}x",
+                  r["same_drafts"]] for r in rows])
+    write_result(args.out, rows)
 
 if __name__ == "__main__":
     main()

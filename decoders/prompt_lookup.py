@@ -44,7 +44,7 @@ class NgramProposer(Proposer):
     next, with the device idle, so it is an index, not a search: every n-gram
     (``min_ngram .. max_ngram`` tokens) that is followed by a token maps to its latest
     start, updated as tokens are committed; a lookup is ``max_ngram`` dictionary
-    reads: 3.5-5 us per iteration where a numpy scan of the history took 74-234 us
+    reads: 4-6 us per iteration where a numpy scan of the history took 74-263 us
     (256-4,096 tokens; ``benchmarks/ngram_lookup.py``), against a SmolLM2-sized
     verification of 0.5-0.9 ms on a GPU.
     """
