@@ -8,12 +8,17 @@ loop (``benchmarks/loop_profile.py`` shows the device idle). This counts it with
 GPU: every decoder runs on the fast path's static cache (graphs off, the same decoding
 code), random Llama models of a small vocabulary, and a dispatch mode counts the
 operations issued outside ``StaticCachedModel._forward`` (which a graph replays), split
-into views and allocations (no kernel) and launches (everything else). Each iteration
-also reads the device once by design (the skeleton's ``tolist``; a synchronisation on a
-GPU, not a dispatched operation on a CPU tensor), which is not counted. On a GPU each
-forward also launches its graph (the replay, the copy into its input buffer and the clone
-of its output: ``GPU_LAUNCHES_PER_FORWARD``), added in the last column. MTAD runs at T=1
-only (its joint test needs a distribution).
+into views and allocations (no kernel) and the rest, each about one kernel launch on a
+GPU: a count of dispatched operations, not of kernels seen on a GPU. Averaged over a
+64-token generation, its set-up included. Not counted: the device read each iteration
+makes by design (the skeleton's ``tolist``: a synchronisation on a GPU, no dispatched
+operation on a CPU tensor) and copies that are no-ops on a CPU (prompt lookup's drafts
+sent to the device: one more launch per iteration on a GPU). On a GPU each decode
+forward also launches its graph (the replay, the copy into its input buffer and the
+clone of its output: ``GPU_LAUNCHES_PER_FORWARD``, for the one-input, one-output graphs
+of the decoders here), added in the last column; the prompt's forward, eager on a GPU,
+is counted there like a decode forward. MTAD runs at T=1 only (its joint test needs a
+distribution).
 
     python benchmarks/host_ops.py [--methods sampling,specdecode,prompt_lookup,mtad] [--out FILE]
 """
@@ -38,7 +43,7 @@ from decoders import static  # noqa: E402
 METHODS = ("sampling", "specdecode", "prompt_lookup", "mtad")
 SETTINGS = {"greedy": {"temperature": 0.0}, "t1": {"temperature": 1.0, "top_k": 10, "top_p": 0.9}}
 # Operations that neither launch a kernel nor read the device: allocations and aliasing.
-NO_KERNEL = {"aten.empty.memory_format", "aten.empty_strided.default", "aten.detach_.default",
+NO_KERNEL = {"aten.empty.memory_format", "aten.empty_strided.default", "aten.new_empty.default", "aten.detach_.default",
              "aten.lift_fresh.default", "aten.resolve_conj.default", "aten.resolve_neg.default"}
 
 

@@ -6,6 +6,7 @@ import importlib.util
 
 import torch
 
+from decoders import static
 from tests.test_profile import ROOT
 
 _spec = importlib.util.spec_from_file_location("host_ops", ROOT / "benchmarks" / "host_ops.py")
@@ -36,4 +37,23 @@ def test_sampling_iteration_is_one_forward_and_its_draw():
     # The forward's own operations (hundreds) are excluded; what is left is a handful per token.
     assert 1 <= row["launches_per_iteration"] < 20
     assert row["top_launches"]["aten.argmax.default"] == 1.0  # the draw, once per token
-    assert row["gpu_launches_per_iteration"] == row["launches_per_iteration"] + host_ops.GPU_LAUNCHES_PER_FORWARD
+
+
+def test_launches_per_forward_are_what_a_graph_replay_dispatches():
+    """``GPU_LAUNCHES_PER_FORWARD`` is one replay plus the operations ``_Graph.replay`` dispatches
+    around it for a one-input, one-output graph (counted on a stand-in graph)."""
+
+    class Replayed:
+        calls = 0
+
+        def replay(self):
+            Replayed.calls += 1
+
+    graph = object.__new__(static._Graph)
+    graph.inputs, graph.out, graph.graph, graph.replays = (torch.zeros(1, 3),), torch.zeros(1, 3, 8), Replayed(), 0
+    tokens = torch.ones(1, 3)
+    counter = host_ops._Counter()
+    with counter:
+        graph.replay((tokens,))
+    assert Replayed.calls == 1
+    assert counter.counts["launch"] + Replayed.calls == host_ops.GPU_LAUNCHES_PER_FORWARD

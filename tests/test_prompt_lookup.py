@@ -67,18 +67,24 @@ def _scan(history, budget, max_ngram, min_ngram):
     return []
 
 
-@pytest.mark.parametrize(("max_ngram", "min_ngram"), [(3, 1), (4, 2), (1, 1)])
+@pytest.mark.parametrize(("max_ngram", "min_ngram"), [(3, 1), (4, 2), (1, 1), (3, 3), (2, 2)])
 def test_index_agrees_with_a_scan_of_the_history(max_ngram, min_ngram):
-    """The proposer's n-gram index (updated as tokens are committed, in chunks of any size)
-    proposes what a scan of the whole history finds, after every commit."""
+    """The proposer's n-gram index (the prompt's built at once, then updated as tokens are
+    committed, in chunks of any size, none included) proposes what a scan of the whole
+    history finds, for prompts shorter and longer than the n-grams, before and after every commit."""
     rng = torch.Generator().manual_seed(0)
-    for _ in range(20):
-        history = torch.randint(0, 4, (5,), generator=rng).tolist()  # a small vocabulary: many repeats
+
+    def draw(low, high):  # a small vocabulary: many repeats
+        return torch.randint(0, 4, (int(torch.randint(low, high + 1, (1,), generator=rng)),), generator=rng).tolist()
+
+    for _ in range(40):
+        history = draw(0, 6)
         proposer = NgramProposer(history, max_ngram, min_ngram, torch.device("cpu"))
-        for _ in range(15):
-            new = torch.randint(0, 4, (int(torch.randint(1, 5, (1,), generator=rng)),), generator=rng).tolist()
-            proposer.commit(new, kept=len(history))
-            history = history + new
+        for step in range(16):
+            if step:
+                new = draw(0, 4)
+                proposer.commit(new, kept=len(history))
+                history = history + new
             for budget in (1, 3, 8):
                 assert proposer.lookup(budget) == _scan(history, budget, max_ngram, min_ngram), history
 
