@@ -51,11 +51,13 @@ GPU_LAUNCHES_PER_FORWARD = 3  # decoders.static._Graph.replay: copy_, replay, cl
 
 
 class _Counter(TorchDispatchMode):
-    """Counts the operations dispatched while ``outside`` (the forwards are not)."""
+    """Counts the operations dispatched outside the forwards (while ``depth`` is 0): ``counts``
+    per kind ("view", "launch") and per operation, ``launched`` the launching ones by name."""
 
     def __init__(self) -> None:
         super().__init__()
         self.counts: collections.Counter[str] = collections.Counter()
+        self.launched: collections.Counter[str] = collections.Counter()
         self.depth = 0  # > 0 inside a forward
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -64,6 +66,8 @@ class _Counter(TorchDispatchMode):
             kind = "view" if func.is_view or name in NO_KERNEL else "launch"
             self.counts[kind] += 1
             self.counts[name] += 1
+            if kind == "launch":
+                self.launched[name] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -104,13 +108,7 @@ def measure(method: str, setting: str, target, draft, prompt: torch.Tensor, new_
             "forwards_per_iteration": forwards / iterations,
             "launches_per_iteration": c["launch"] / iterations, "views_per_iteration": c["view"] / iterations,
             "gpu_launches_per_iteration": (c["launch"] + GPU_LAUNCHES_PER_FORWARD * forwards) / iterations,
-            "top_launches": {k: v / iterations for k, v in c.most_common()
-                             if k not in ("launch", "view") and k not in NO_KERNEL and not _is_view(k)}}
-
-
-def _is_view(name: str) -> bool:
-    namespace, op, overload = name.split(".")
-    return getattr(getattr(getattr(torch.ops, namespace), op), overload).is_view
+            "top_launches": {k: v / iterations for k, v in counter.launched.most_common()}}
 
 
 def main() -> None:
@@ -132,6 +130,7 @@ def main() -> None:
                   ", ".join(f"{k.split('.')[1]} {v:.1f}" for k, v in list(r["top_launches"].items())[:5]),
                   f"{r['gpu_launches_per_iteration']:.0f}"] for r in rows])
     write_result(args.out, rows)
+
 
 if __name__ == "__main__":
     main()

@@ -99,5 +99,6 @@ def main() -> None:
                  for r in rows])
     write_result(args.out, rows)
 
+
 if __name__ == "__main__":
     main()
