@@ -12,8 +12,9 @@ decode step of a 24-30-layer model is 150-200 kernels, its filter included):
 - device: ms per replay, replayed back to back between two events (the graph's own time);
 - host call: us the host spends inside the call (``graph.replay()``: ``cudaGraphLaunch``;
   for a model's step, the whole ``StaticCachedModel`` call: its copies and clone too);
-- from idle: us from the launch on an idle device to its completion, less the
-  device time: the start latency an iteration pays after its read;
+- from idle: us from the call on an idle device to the host seeing it complete, less
+  the device time: how much later than its device time alone an iteration's first
+  graph is done after the read (the launch, the start, the host's wake-up);
 - read: us of the host read of a one-element result after the graph (what the
   loops' ``tolist`` costs beyond the wait).
 
@@ -125,7 +126,7 @@ def main() -> None:
         rows += [decode_step(name, pdl, args.rounds) for name in args.models.split(",") if name
                  for pdl in (True, False)]
     decode_kernels.PDL = True
-    print_table(["graph", "device us / replay", "host us in the call", "start latency from idle, us",
+    print_table(["graph", "device us / replay", "host us in the call", "from idle, us over device time",
                  "host read us"],
                 [[r["graph"], f"{r['device_us']:.1f}", f"{r['host_call_us']:.1f}", f"{r['from_idle_us']:.1f}",
                   f"{r['read_us']:.1f}"] for r in rows])
