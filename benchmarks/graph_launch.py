@@ -9,7 +9,7 @@ launches it loses in idle time. This measures, for graphs of ``k`` small kernels
 a chain (``x.add_(1)`` on a 256-element tensor, ``k`` from 1 to a few thousand; a
 decode step of a 24-30-layer model is 150-200 kernels, its filter included):
 
-- device: ms per replay, replayed back to back between two events (the graph's own time);
+- device: us per replay, replayed back to back between two events (the graph's own time);
 - host call: us the host spends inside the call (``graph.replay()``: ``cudaGraphLaunch``;
   for a model's step, the whole ``StaticCachedModel`` call: its copies and clone too);
 - from idle: us from the call on an idle device to the host seeing it complete, less
