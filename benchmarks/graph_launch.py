@@ -18,6 +18,10 @@ decode step of a 24-30-layer model is 150-200 kernels, its filter included):
 - read: us of the host read of a one-element result after the graph (what the
   loops' ``tolist`` costs beyond the wait).
 
+For the smallest graphs back-to-back replays run at the host's launch rate, so their
+device time is overstated and the from-idle figure understated; a decode step is
+bound by the device.
+
 ``--models`` does the same for the decode-step graphs the decoders replay: a 1-token
 step of random-weight models of the pairs' shapes through ``StaticCachedModel`` (its
 kernels launched with programmatic dependent launch, and without: ``pdl`` off).
@@ -57,11 +61,11 @@ def capture(kernels: int, x: torch.Tensor) -> torch.cuda.CUDAGraph:
     return graph
 
 
-def measure(replay, result: torch.Tensor, rounds: int, repeats: int = 20) -> dict:
-    """The figures above for ``replay()`` (one graph launch) whose output includes ``result``."""
+def measure(replay, rounds: int, repeats: int = 20) -> dict:
+    """The figures above for ``replay()``: one graph launch, returning a tensor it writes."""
     replay()
     torch.cuda.synchronize()
-    device, host, idle, read = [], [], [], []
+    device, host, call_to_done, read = [], [], [], []
     for _ in range(rounds):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -71,45 +75,48 @@ def measure(replay, result: torch.Tensor, rounds: int, repeats: int = 20) -> dic
         end.synchronize()
         device.append(start.elapsed_time(end) / repeats * 1e3)  # us
         torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        replay()
-        t1 = time.perf_counter()
+        called = time.perf_counter()
+        out = replay()
+        returned = time.perf_counter()
         torch.cuda.synchronize()
-        t2 = time.perf_counter()
-        host.append((t1 - t0) * 1e6)
-        idle.append((t2 - t0) * 1e6)
-        t0 = time.perf_counter()
-        result.view(-1)[:1].tolist()
-        read.append((time.perf_counter() - t0) * 1e6)
+        host.append((returned - called) * 1e6)
+        call_to_done.append((time.perf_counter() - called) * 1e6)
+        reading = time.perf_counter()
+        out.view(-1)[:1].tolist()
+        read.append((time.perf_counter() - reading) * 1e6)
     device_us = statistics.median(device)
     return {"device_us": device_us, "host_call_us": statistics.median(host),
-            "from_idle_us": statistics.median(idle) - device_us, "read_us": statistics.median(read)}
+            "from_idle_us": statistics.median(call_to_done) - device_us, "read_us": statistics.median(read)}
 
 
 def chain_of_kernels(kernels: int, rounds: int) -> dict:
     x = torch.zeros(256, device="cuda")
     graph = capture(kernels, x)
-    return {"graph": f"{kernels} x add_", **measure(graph.replay, x, rounds)}
+
+    def replay():
+        graph.replay()
+        return x
+
+    return {"graph": f"{kernels} x add_", **measure(replay, rounds)}
 
 
 def decode_step(name: str, pdl: bool, rounds: int) -> dict:
     """A 1-token step's graph of a random-weight ``name`` as the decoders replay it (the
     position filled, the token copied in, the graph launched, the output cloned)."""
-    decode_kernels.PDL = pdl
-    static.release_all()
-    model = build(name)
-    cache = static.StaticCachedModel(model, 1, 1024, graphs=True, compile=None)
-    tokens = torch.randint(0, 1000, (1, 1), device="cuda")
-    cache.crop(0)
-    cache(torch.randint(0, 1000, (1, FILLED), device="cuda"), keep=1)  # the prompt: eager
+    default = decode_kernels.PDL
+    decode_kernels.PDL = pdl  # read when the step is captured
+    try:
+        cache = static.StaticCachedModel(build(name), 1, 1024, graphs=True, compile=None)
+        tokens = torch.randint(0, 1000, (1, 1), device="cuda")
+        cache(torch.randint(0, 1000, (1, FILLED), device="cuda"), keep=1)  # the prompt: eager
 
-    def replay():
-        cache.crop(FILLED)
-        return cache(tokens, keep=1)
+        def replay():
+            cache.crop(FILLED)
+            return cache(tokens, keep=1)
 
-    row = {"graph": f"{name} 1-token step, pdl {'on' if pdl else 'off'}", **measure(replay, replay(), rounds)}
-    static.release_all()
-    return row
+        return {"graph": f"{name} 1-token step, pdl {'on' if pdl else 'off'}", **measure(replay, rounds)}
+    finally:
+        decode_kernels.PDL = default
 
 
 def main() -> None:
@@ -125,7 +132,6 @@ def main() -> None:
     with torch.inference_mode():
         rows += [decode_step(name, pdl, args.rounds) for name in args.models.split(",") if name
                  for pdl in (True, False)]
-    decode_kernels.PDL = True
     print_table(["graph", "device us / replay", "host us in the call", "from idle, us over device time",
                  "host read us"],
                 [[r["graph"], f"{r['device_us']:.1f}", f"{r['host_call_us']:.1f}", f"{r['from_idle_us']:.1f}",
