@@ -44,10 +44,10 @@ class NgramProposer(Proposer):
     next, with the device idle, so it is an index, not a search: every n-gram
     (``min_ngram .. max_ngram`` tokens) that is followed by a token maps to its latest
     start, updated as tokens are committed, and a lookup is at most ``max_ngram -
-    min_ngram + 1`` dictionary reads (``benchmarks/ngram_lookup.py``: 4-8 us per
-    iteration where a numpy scan of the history took 0.07-0.3 ms at 256-4,096 tokens,
+    min_ngram + 1`` dictionary reads (``benchmarks/ngram_lookup.py``, 2-core CPU: 5.5-6.8 us
+    per iteration where a numpy scan of the history took 0.10-0.28 ms at 256-4,096 tokens,
     against a SmolLM2-sized verification of 0.5-0.9 ms on a GPU). The prompt is
-    indexed once, when the proposer is made (0.1-2 ms, repaid within a few iterations).
+    indexed once, when the proposer is made (0.3-1.8 ms, repaid within 3-7 iterations).
     """
 
     def __init__(self, prompt: list[int], max_ngram: int, min_ngram: int, device: torch.device) -> None:
