@@ -1,0 +1,125 @@
+"""Registers, spills and shared memory of every decode kernel, compiled for a GPU without one.
+
+Why: a kernel whose threads need more than the 255 registers a thread may hold keeps
+the rest in local memory (a spill: loads and stores through L1 on every use), and its
+register count caps how many of its programs an SM holds, so how many bytes are in
+flight. Both shape a latency-bound decode step, and neither needs a GPU to know:
+Triton compiles for a named architecture and its bundled ``cuobjdump`` reads the
+binary's resource use. This compiles each kernel of ``decoders.decode_kernels`` with
+the launch parameters the decode step uses for the model shapes of the two pairs
+(the products' ``gemv_config`` for 1 and 5 rows, the attention of 1 and 5 new tokens)
+and prints, per kernel and shape: registers a thread, spill bytes a thread (the
+binary's stack), shared memory a program, and programs an SM holds by its registers.
+
+The numbers are those of the Triton installed here (``triton.__version__`` is in the
+result); another Triton can allocate differently. No GPU is needed.
+
+    python benchmarks/kernel_resources.py [--arch 90] [--models smollm2-135m,qwen2.5-0.5b,qwen2.5-1.5b] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+# Compiled, not interpreted, whatever the caller's environment (the CPU tests set the
+# interpreter, which decode_kernels reads when its kernels are defined).
+os.environ["TRITON_INTERPRET"] = "0"
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from markdown_result import print_table, write_result  # noqa: E402
+
+from decoders import decode_kernels as K  # noqa: E402
+
+# hidden, intermediate, heads, KV heads, head size, q/k/v bias
+SHAPES = {"smollm2-135m": (576, 1536, 9, 3, 64, False), "qwen2.5-0.5b": (896, 4864, 14, 2, 64, True),
+          "qwen2.5-1.5b": (1536, 8960, 12, 2, 128, True)}
+REGISTERS_PER_SM = 65536  # every architecture from sm_70 to sm_90
+
+
+def _arg_type(name: str) -> str:
+    """Triton's type string of a kernel argument, from its name (the decode kernels' conventions)."""
+    if name.endswith("_ptr"):
+        if name.startswith("part_"):
+            return "*fp32"
+        return {"positions_ptr": "*i64", "lock_ptr": "*i32"}.get(name, "*bf16")
+    return "fp32" if name in ("eps", "scale") else "i32"
+
+
+def resources(kernel, constants: dict, warps: int, stages: int, arch: int) -> dict:
+    """Compile ``kernel`` for ``sm_{arch}`` with ``constants`` and read its resource use."""
+    params = inspect.signature(kernel.fn).parameters
+    signature = {p: "constexpr" if p in constants else _arg_type(p) for p in params}
+    compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": warps, "num_stages": stages})
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(compiled.asm["cubin"])
+    try:
+        out = subprocess.run([str(cuobjdump), "-res-usage", f.name], capture_output=True, text=True,
+                             check=True).stdout
+    finally:
+        os.unlink(f.name)
+    usage = dict(field.split(":") for line in out.splitlines() if "REG:" in line for field in line.split())
+    registers = int(usage["REG"])
+    return {"registers": registers, "spill_bytes": int(usage["STACK"]), "shared_bytes": compiled.metadata.shared,
+            "programs_per_sm_by_registers": REGISTERS_PER_SM // (-(-registers * 32 // 256) * 256 * warps)}
+
+
+def launches(name: str, rows: int) -> list[tuple[str, object, dict, int, int]]:
+    """(what, kernel, constants, warps, stages) of one decode step's launches of ``rows`` rows."""
+    hidden, inter, heads, kv_heads, head_dim, bias = SHAPES[name]
+    out = []
+    for what, n, k, gated, norm, has_bias, residual in (
+            ("q/k/v", (heads + 2 * kv_heads) * head_dim, hidden, False, True, bias, False),
+            ("output", hidden, heads * head_dim, False, False, False, True),
+            ("gate/up", inter, hidden, True, True, False, False),
+            ("down", hidden, inter, False, False, False, True)):
+        block_n, block_k, warps, stages = K.gemv_config(n, k, rows, gated, norm)
+        flags = dict(NORM=norm, BIAS=has_bias, RESIDUAL=residual, GATED=gated, BLOCK_N=block_n, BLOCK_K=block_k)
+        if rows <= K.ROW_KERNEL_ROWS:
+            out.append((what, K._gemv_rows_kernel, dict(flags, BLOCK_M=8, PDL=True), warps, stages))
+        else:
+            block_m = max(16, triton.next_power_of_2(rows))
+            out.append((what, K._gemv_dot_kernel, dict(flags, BLOCK_M=block_m, SPLIT_K=2), warps, stages))
+    group = heads // kv_heads
+    block_q = max(16, triton.next_power_of_2(group * rows))
+    attention = dict(HEADS=heads, KV_HEADS=kv_heads, D=head_dim, BLOCK_Q=block_q, CHUNK=K.CHUNK, PDL=True)
+    out.append(("attention chunks", K._attention_chunk_kernel, attention, 4, 3))
+    out.append(("attention merge", K._attention_combine_kernel, dict(attention, BLOCK_C=16), 2, 3))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200), 80 (A100)")
+    ap.add_argument("--models", default=",".join(SHAPES))
+    ap.add_argument("--rows", default="1,5", help="tokens a step (1: sampling and drafting; 5: a verification)")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    rows = []
+    for name in args.models.split(","):
+        for n in (int(r) for r in args.rows.split(",")):
+            for what, kernel, constants, warps, stages in launches(name, n):
+                usage = resources(kernel, constants, warps, stages, args.arch)
+                rows.append({"model": name, "rows": n, "launch": what, "kernel": kernel.fn.__name__, "warps": warps,
+                             **usage, "arch": f"sm_{args.arch}", "triton": triton.__version__})
+                print(f"{name:14s} {n} {what:17s} {usage['registers']:3d} registers, "
+                      f"{usage['spill_bytes']:5d} B spilled", flush=True)
+    print_table(["model", "rows", "launch", "warps", "registers", "spilled B/thread", "shared B", "programs/SM"],
+                [[r["model"], r["rows"], r["launch"], r["warps"], r["registers"], r["spill_bytes"], r["shared_bytes"],
+                  r["programs_per_sm_by_registers"]] for r in rows])
+    write_result(args.out, rows)
+
+
+if __name__ == "__main__":
+    main()
