@@ -7,7 +7,8 @@ flight. Both shape a latency-bound decode step, and neither needs a GPU to know:
 Triton compiles for a named architecture and its bundled ``cuobjdump`` reads the
 binary's resource use. This compiles each kernel of ``decoders.decode_kernels`` with
 the launch parameters the decode step uses for the model shapes of the two pairs
-(the products' ``gemv_config`` for 1 and 5 rows, the attention of 1 and 5 new tokens)
+(the products' ``gemv_config`` for 1 and 5 rows and, on the tensor-core kernel, the K split
+of a GPU of ``--sms`` multiprocessors; the attention of 1 and 5 new tokens)
 and prints, per kernel and shape: registers a thread, spill bytes a thread (the
 binary's stack), shared memory a program, and programs an SM holds by its registers.
 
@@ -75,8 +76,9 @@ def resources(kernel, constants: dict, warps: int, stages: int, arch: int) -> di
             "programs_per_sm_by_registers": REGISTERS_PER_SM // (-(-registers * 32 // 256) * 256 * warps)}
 
 
-def launches(name: str, rows: int) -> list[tuple[str, object, dict, int, int]]:
-    """(what, kernel, constants, warps, stages) of one decode step's launches of ``rows`` rows."""
+def launches(name: str, rows: int, sms: int) -> list[tuple[str, object, dict, int, int]]:
+    """(what, kernel, constants, warps, stages) of one decode step's launches of ``rows`` rows
+    on a GPU of ``sms`` multiprocessors."""
     hidden, inter, heads, kv_heads, head_dim, bias = SHAPES[name]
     out = []
     for what, n, k, gated, norm, has_bias, residual in (
@@ -88,9 +90,10 @@ def launches(name: str, rows: int) -> list[tuple[str, object, dict, int, int]]:
         flags = dict(NORM=norm, BIAS=has_bias, RESIDUAL=residual, GATED=gated, BLOCK_N=block_n, BLOCK_K=block_k)
         if rows <= K.ROW_KERNEL_ROWS:
             out.append((what, K._gemv_rows_kernel, dict(flags, BLOCK_M=8, PDL=True), warps, stages))
-        else:
+        else:  # the K split as a launch on ``sms`` multiprocessors takes it (one split compiles apart)
             block_m = max(16, triton.next_power_of_2(rows))
-            out.append((what, K._gemv_dot_kernel, dict(flags, BLOCK_M=block_m, SPLIT_K=2), warps, stages))
+            split = K.split_for(triton.cdiv(n, block_n) * triton.cdiv(rows, block_m), triton.cdiv(k, block_k), sms)
+            out.append((what, K._gemv_dot_kernel, dict(flags, BLOCK_M=block_m, SPLIT_K=split), warps, stages))
     group = heads // kv_heads
     block_q = max(16, triton.next_power_of_2(group * rows))
     attention = dict(HEADS=heads, KV_HEADS=kv_heads, D=head_dim, BLOCK_Q=block_q, CHUNK=K.CHUNK, PDL=True)
@@ -103,16 +106,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200), 80 (A100)")
     ap.add_argument("--models", default=",".join(SHAPES))
+    ap.add_argument("--sms", type=int, default=132, help="the GPU's multiprocessors (H100 SXM and H200: 132)")
     ap.add_argument("--rows", default="1,5", help="tokens a step (1: sampling and drafting; 5: a verification)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     rows = []
     for name in args.models.split(","):
         for n in (int(r) for r in args.rows.split(",")):
-            for what, kernel, constants, warps, stages in launches(name, n):
+            for what, kernel, constants, warps, stages in launches(name, n, args.sms):
                 usage = resources(kernel, constants, warps, stages, args.arch)
                 rows.append({"model": name, "rows": n, "launch": what, "kernel": kernel.fn.__name__, "warps": warps,
-                             **usage, "arch": f"sm_{args.arch}", "triton": triton.__version__})
+                             "split_k": constants.get("SPLIT_K"), **usage, "arch": f"sm_{args.arch}",
+                             "triton": triton.__version__})
                 print(f"{name:14s} {n} {what:17s} {usage['registers']:3d} registers, "
                       f"{usage['spill_bytes']:5d} B spilled", flush=True)
     print_table(["model", "rows", "launch", "warps", "registers", "spilled B/thread", "shared B", "programs/SM"],

@@ -295,8 +295,14 @@ def _locks(device: torch.device, tiles: int) -> torch.Tensor:
 
 
 def _split_k(tiles: int, k_blocks: int, device: torch.device) -> int:
-    """How many programs share each tile's K: about two programs per multiprocessor in all."""
+    """How many programs share each tile's K on ``device`` (``split_for`` its SM count)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return split_for(tiles, k_blocks, sms)
+
+
+def split_for(tiles: int, k_blocks: int, sms: int) -> int:
+    """How many programs share each tile's K on ``sms`` multiprocessors: about two programs
+    per multiprocessor in all, at most one per K block and 16."""
     return max(1, min(k_blocks, -(-2 * sms // tiles), 16))
 
 
