@@ -45,6 +45,7 @@ from decoders import decode_kernels as K  # noqa: E402
 SHAPES = {"smollm2-135m": (576, 1536, 9, 3, 64, False), "qwen2.5-0.5b": (896, 4864, 14, 2, 64, True),
           "qwen2.5-1.5b": (1536, 8960, 12, 2, 128, True)}
 REGISTERS_PER_SM = 65536  # every architecture from sm_70 to sm_90
+CAPACITY = 1024  # cache positions of the step (benchmarks/step_profile.py's)
 
 
 def _arg_type(name: str) -> str:
@@ -56,12 +57,14 @@ def _arg_type(name: str) -> str:
     return "fp32" if name in ("eps", "scale") else "i32"
 
 
-def resources(kernel, constants: dict, warps: int, stages: int, arch: int) -> dict:
-    """Compile ``kernel`` for ``sm_{arch}`` with ``constants`` and read its resource use."""
+def resources(kernel, constants: dict, warps: int, stages: int | None, arch: int) -> dict:
+    """Compile ``kernel`` for ``sm_{arch}`` with ``constants`` and read its resource use
+    (``stages`` None: Triton's default, as a launch that names none gets)."""
     params = inspect.signature(kernel.fn).parameters
     signature = {p: "constexpr" if p in constants else _arg_type(p) for p in params}
+    options = {"num_warps": warps} if stages is None else {"num_warps": warps, "num_stages": stages}
     compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": warps, "num_stages": stages})
+                              options=options)
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(compiled.asm["cubin"])
@@ -76,9 +79,9 @@ def resources(kernel, constants: dict, warps: int, stages: int, arch: int) -> di
             "programs_per_sm_by_registers": REGISTERS_PER_SM // (-(-registers * 32 // 256) * 256 * warps)}
 
 
-def launches(name: str, rows: int, sms: int) -> list[tuple[str, object, dict, int, int]]:
+def launches(name: str, rows: int, sms: int, pdl: bool) -> list[tuple[str, object, dict, int, int | None]]:
     """(what, kernel, constants, warps, stages) of one decode step's launches of ``rows`` rows
-    on a GPU of ``sms`` multiprocessors."""
+    on a GPU of ``sms`` multiprocessors, from the functions the step's launches call."""
     hidden, inter, heads, kv_heads, head_dim, bias = SHAPES[name]
     out = []
     for what, n, k, gated, norm, has_bias, residual in (
@@ -86,19 +89,20 @@ def launches(name: str, rows: int, sms: int) -> list[tuple[str, object, dict, in
             ("output", hidden, heads * head_dim, False, False, False, True),
             ("gate/up", inter, hidden, True, True, False, False),
             ("down", hidden, inter, False, False, False, True)):
-        block_n, block_k, warps, stages = K.gemv_config(n, k, rows, gated, norm)
+        config = K.gemv_config(n, k, rows, gated, norm)
+        block_n, block_k, warps, stages = config
         flags = dict(NORM=norm, BIAS=has_bias, RESIDUAL=residual, GATED=gated, BLOCK_N=block_n, BLOCK_K=block_k)
         if rows <= K.ROW_KERNEL_ROWS:
-            out.append((what, K._gemv_rows_kernel, dict(flags, BLOCK_M=8, PDL=True), warps, stages))
-        else:  # the K split as a launch on ``sms`` multiprocessors takes it (one split compiles apart)
-            block_m = max(16, triton.next_power_of_2(rows))
-            split = K.split_for(triton.cdiv(n, block_n) * triton.cdiv(rows, block_m), triton.cdiv(k, block_k), sms)
+            out.append((what, K._gemv_rows_kernel, dict(flags, BLOCK_M=8, PDL=pdl), warps, stages))
+        else:  # the tiles of the launch (a split named so that no device is asked), split for ``sms``
+            block_m, tiles, _ = K.tensor_core_launch(rows, n, k, (*config, 1), device=None)
+            split = K.split_for(tiles[0] * tiles[1], triton.cdiv(k, block_k), sms)
             out.append((what, K._gemv_dot_kernel, dict(flags, BLOCK_M=block_m, SPLIT_K=split), warps, stages))
-    group = heads // kv_heads
-    block_q = max(16, triton.next_power_of_2(group * rows))
-    attention = dict(HEADS=heads, KV_HEADS=kv_heads, D=head_dim, BLOCK_Q=block_q, CHUNK=K.CHUNK, PDL=True)
-    out.append(("attention chunks", K._attention_chunk_kernel, attention, 4, 3))
-    out.append(("attention merge", K._attention_combine_kernel, dict(attention, BLOCK_C=16), 2, 3))
+    chunk, merge = K.attention_launch(rows, heads, kv_heads, head_dim, CAPACITY, pdl)
+    for what, kernel, constants in (("attention chunks", K._attention_chunk_kernel, chunk),
+                                    ("attention merge", K._attention_combine_kernel, merge)):
+        constants = dict(constants)
+        out.append((what, kernel, constants, constants.pop("num_warps"), None))
     return out
 
 
@@ -113,7 +117,8 @@ def main() -> None:
     rows = []
     for name in args.models.split(","):
         for n in (int(r) for r in args.rows.split(",")):
-            for what, kernel, constants, warps, stages in launches(name, n, args.sms):
+            # programmatic dependent launch from Hopper on, as decode_kernels._pdl decides on a device
+            for what, kernel, constants, warps, stages in launches(name, n, args.sms, args.arch >= 90):
                 usage = resources(kernel, constants, warps, stages, args.arch)
                 rows.append({"model": name, "rows": n, "launch": what, "kernel": kernel.fn.__name__, "warps": warps,
                              "split_k": constants.get("SPLIT_K"), **usage, "arch": f"sm_{args.arch}",

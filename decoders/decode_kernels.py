@@ -481,6 +481,17 @@ if triton is not None:
                  mask=(d * 0 + i) < G * n)
 
 
+def attention_launch(n: int, heads: int, kv_heads: int, head_dim: int, max_length: int,
+                     pdl: bool) -> tuple[dict, dict]:
+    """The compile-time constants and warps of ``attention``'s two kernels for ``n`` new
+    tokens over a cache of ``max_length`` positions: ``(chunk kernel's, merge kernel's)``.
+    One place, so that benchmarks/kernel_resources.py compiles what the step launches."""
+    block_q = max(16, triton.next_power_of_2(heads // kv_heads * n))
+    shared = dict(HEADS=heads, KV_HEADS=kv_heads, D=head_dim, BLOCK_Q=block_q, CHUNK=CHUNK, PDL=pdl)
+    block_c = min(32, triton.next_power_of_2(triton.cdiv(max_length, CHUNK)))
+    return dict(shared, num_warps=4), dict(shared, BLOCK_C=block_c, num_warps=2)
+
+
 def attention(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cos: torch.Tensor,
               sin: torch.Tensor, positions: torch.Tensor, *, heads: int, kv_heads: int) -> torch.Tensor:
     """Causal attention of the new tokens over the cache, writing their keys and values.
@@ -495,22 +506,18 @@ def attention(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cos: 
     """
     rows, _, max_length, head_dim = keys.shape
     n = positions.shape[0]
-    group = heads // kv_heads
-    block_q = max(16, triton.next_power_of_2(group * n))
-    chunks = triton.cdiv(max_length, CHUNK)
+    pdl = _pdl(qkv.device)
+    chunk, merge = attention_launch(n, heads, kv_heads, head_dim, max_length, pdl)
+    chunks, block_q = triton.cdiv(max_length, CHUNK), chunk["BLOCK_Q"]
     parts = rows * kv_heads * chunks * block_q
     part_acc = torch.empty((parts, head_dim), dtype=torch.float32, device=qkv.device)
     part_max = torch.empty(parts, dtype=torch.float32, device=qkv.device)
     part_sum = torch.empty_like(part_max)
     out = torch.empty((rows * n, heads * head_dim), dtype=qkv.dtype, device=qkv.device)
     qkv = qkv.contiguous()
-    pdl = _pdl(qkv.device)
     _attention_chunk_kernel[(rows * kv_heads, chunks)](
         qkv, keys, values, cos, sin, positions, part_acc, part_max, part_sum, n, max_length, chunks,
-        head_dim**-0.5, HEADS=heads, KV_HEADS=kv_heads, D=head_dim, BLOCK_Q=block_q, CHUNK=CHUNK, PDL=pdl,
-        num_warps=4, launch_pdl=pdl)
+        head_dim**-0.5, **chunk, launch_pdl=pdl)
     _attention_combine_kernel[(rows * kv_heads, block_q)](
-        part_acc, part_max, part_sum, positions, out, n, chunks, HEADS=heads, KV_HEADS=kv_heads, D=head_dim,
-        BLOCK_Q=block_q, BLOCK_C=min(32, triton.next_power_of_2(chunks)), CHUNK=CHUNK, PDL=pdl, num_warps=2,
-        launch_pdl=pdl)
+        part_acc, part_max, part_sum, positions, out, n, chunks, **merge, launch_pdl=pdl)
     return out
