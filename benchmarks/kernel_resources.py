@@ -38,14 +38,24 @@ from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from markdown_result import print_table, write_result  # noqa: E402
+from step_cost import CACHE  # noqa: E402
+from step_cost import SHAPES as STEP_COST_MODELS  # noqa: E402
+from transformers import Qwen2ForCausalLM  # noqa: E402
 
 from decoders import decode_kernels as K  # noqa: E402
 
-# hidden, intermediate, heads, KV heads, head size, q/k/v bias
-SHAPES = {"smollm2-135m": (576, 1536, 9, 3, 64, False), "qwen2.5-0.5b": (896, 4864, 14, 2, 64, True),
-          "qwen2.5-1.5b": (1536, 8960, 12, 2, 128, True)}
+# The pairs' models (benchmarks/step_cost.py has their shapes and more).
+MODELS = ("smollm2-135m", "qwen2.5-0.5b", "qwen2.5-1.5b")
 REGISTERS_PER_SM = 65536  # every architecture from sm_70 to sm_90
-CAPACITY = 1024  # cache positions of the step (benchmarks/step_profile.py's)
+
+
+def layer_shape(name: str) -> tuple[int, int, int, int, int, bool]:
+    """Hidden size, intermediate size, heads, KV heads, head size and whether q/k/v carry a
+    bias, of step_cost's model ``name`` (Qwen2's projections carry one, Llama's none)."""
+    cls, _, config = STEP_COST_MODELS[name]
+    heads = config["num_attention_heads"]
+    return (config["hidden_size"], config["intermediate_size"], heads, config["num_key_value_heads"],
+            config["hidden_size"] // heads, cls is Qwen2ForCausalLM)
 
 
 def _arg_type(name: str) -> str:
@@ -82,7 +92,7 @@ def resources(kernel, constants: dict, warps: int, stages: int | None, arch: int
 def launches(name: str, rows: int, sms: int, pdl: bool) -> list[tuple[str, object, dict, int, int | None]]:
     """(what, kernel, constants, warps, stages) of one decode step's launches of ``rows`` rows
     on a GPU of ``sms`` multiprocessors, from the functions the step's launches call."""
-    hidden, inter, heads, kv_heads, head_dim, bias = SHAPES[name]
+    hidden, inter, heads, kv_heads, head_dim, bias = layer_shape(name)
     out = []
     for what, n, k, gated, norm, has_bias, residual in (
             ("q/k/v", (heads + 2 * kv_heads) * head_dim, hidden, False, True, bias, False),
@@ -98,7 +108,7 @@ def launches(name: str, rows: int, sms: int, pdl: bool) -> list[tuple[str, objec
             block_m, tiles, _ = K.tensor_core_launch(rows, n, k, (*config, 1), device=None)
             split = K.split_for(tiles[0] * tiles[1], triton.cdiv(k, block_k), sms)
             out.append((what, K._gemv_dot_kernel, dict(flags, BLOCK_M=block_m, SPLIT_K=split), warps, stages))
-    chunk, merge = K.attention_launch(rows, heads, kv_heads, head_dim, CAPACITY, pdl)
+    chunk, merge = K.attention_launch(rows, heads, kv_heads, head_dim, CACHE, pdl)
     for what, kernel, constants in (("attention chunks", K._attention_chunk_kernel, chunk),
                                     ("attention merge", K._attention_combine_kernel, merge)):
         constants = dict(constants)
@@ -109,7 +119,7 @@ def launches(name: str, rows: int, sms: int, pdl: bool) -> list[tuple[str, objec
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200), 80 (A100)")
-    ap.add_argument("--models", default=",".join(SHAPES))
+    ap.add_argument("--models", default=",".join(MODELS), help="models of benchmarks/step_cost.py")
     ap.add_argument("--sms", type=int, default=132, help="the GPU's multiprocessors (H100 SXM and H200: 132)")
     ap.add_argument("--rows", default="1,5", help="tokens a step (1: sampling and drafting; 5: a verification)")
     ap.add_argument("--out", type=Path)
