@@ -63,7 +63,7 @@ def _arg_type(name: str) -> str:
     if name.endswith("_ptr"):
         if name.startswith("part_"):
             return "*fp32"
-        return {"positions_ptr": "*i64", "lock_ptr": "*i32"}.get(name, "*bf16")
+        return {"positions_ptr": "*i64", "signal_ptr": "*i32", "lock_ptr": "*i32"}.get(name, "*bf16")
     return "fp32" if name in ("eps", "scale") else "i32"
 
 
@@ -108,7 +108,7 @@ def launches(name: str, rows: int, sms: int, pdl: bool) -> list[tuple[str, objec
             block_m, tiles, _ = K.tensor_core_launch(rows, n, k, (*config, 1), device=None)
             split = K.split_for(tiles[0] * tiles[1], triton.cdiv(k, block_k), sms)
             out.append((what, K._gemv_dot_kernel, dict(flags, BLOCK_M=block_m, SPLIT_K=split), warps, stages))
-    chunk, merge = K.attention_launch(rows, heads, kv_heads, head_dim, CACHE, pdl)
+    chunk, merge = K.attention_launch(rows, heads, kv_heads, head_dim, CACHE, pdl, signal=pdl and K.L2_PREFETCH)
     for what, kernel, constants in (("attention chunks", K._attention_chunk_kernel, chunk),
                                     ("attention merge", K._attention_combine_kernel, merge)):
         constants = dict(constants)

@@ -15,6 +15,9 @@ one process (the default first):
   kernels a layer, each launched to overlap the one before: programmatic
   dependent launch).
 - ``no-pdl``: the same kernels launched one after another.
+- ``no-prefetch``, ``prefetch-15``, ``-25``, ``-40``, ``-60``: the same kernels with none,
+  or that percentage of L2, of each layer's weights read after its attention prefetched
+  into L2 beside the step (``fused.PREFETCH_L2_SHARE``; ``default`` is the module's share).
 - ``compiled-layer``: the layer under ``torch.compile`` in three regions with
   coordinate-descent tuning (``fused.compiled_layer``, the form before the kernels).
 - ``one-region``: the whole layer as one compiled function (the form before
@@ -28,7 +31,8 @@ one process (the default first):
 ``--loop`` also times the ``sampling`` decoder's whole loop on the same model
 (greedy and T=1 with top-k 10, top-p 0.9; a 256-token prompt): ms per token,
 beside the step's replay, so what the decoder adds to its forward (the sampling
-draw, buffer copies, the host) is measured in the same process.
+draw, buffer copies, the host) is measured in the same process; ``--loop-variants``
+times it under each prefetch variant named.
 """
 
 from __future__ import annotations
@@ -51,6 +55,11 @@ from step_cost import CACHE, FILLED, build, copy_bandwidth, replay_ms  # noqa: E
 from decoders import decode_kernels, fused, get_decoder, static  # noqa: E402
 
 VARIANTS = ("default", "no-pdl", "compiled-layer", "one-region", "no-cdt", "sdpa", "stack", "autotune")
+# The decode kernels with each layer's attention prefetching this share of L2 with the
+# weights read next (fused.PREFETCH_L2_SHARE; 0: none).
+PREFETCH_VARIANTS = {"no-prefetch": 0.0, "prefetch-15": 0.15, "prefetch-25": 0.25, "prefetch-40": 0.4,
+                     "prefetch-60": 0.6}
+KERNEL_VARIANTS = ("default", "no-pdl", *PREFETCH_VARIANTS)
 
 
 def sdpa_attention(x, cos, sin, mask, keys, values, positions, ln1, qkv_w, qkv_b, o_w, o_b, ln2, *,
@@ -68,6 +77,10 @@ def sdpa_attention(x, cos, sin, mask, keys, values, positions, ln1, qkv_w, qkv_b
                                           enable_gqa=heads > kv_heads)
     x = x + F.linear(attn.transpose(1, 2).reshape(rows, n, heads * head_dim), o_w, o_b)
     return x, fused._rms_norm(x, ln2, eps)
+
+
+def set_prefetch(share: float) -> None:
+    fused.PREFETCH_L2_SHARE = share
 
 
 def set_variant(name: str) -> None:
@@ -158,6 +171,8 @@ def main() -> None:
     ap.add_argument("--kernel-rows", type=int, default=None,
                     help="steps of up to this many rows take the decode kernels (default: fused.KERNEL_ROWS)")
     ap.add_argument("--loop", action="store_true", help="also time the sampling decoder's loop per token")
+    ap.add_argument("--loop-variants", default="default",
+                    help=f"with --loop: the loop under each of these ({', '.join(('default', *PREFETCH_VARIANTS))})")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if args.kernel_rows is not None:
@@ -167,6 +182,7 @@ def main() -> None:
               "tokens": args.tokens, "models": {}}
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     table_variants = set(args.table_variants.split(","))
+    default_prefetch = fused.PREFETCH_L2_SHARE
     with torch.inference_mode():
         for name in args.models.split(","):
             model = build(name)
@@ -177,8 +193,9 @@ def main() -> None:
                 t0 = time.perf_counter()
                 try:
                     set_variant(variant)
+                    set_prefetch(PREFETCH_VARIANTS.get(variant, default_prefetch))
                     cache = static.StaticCachedModel(model, 1, CACHE, graphs=True, compile=variant != "stack")
-                    cache.engine.kernels = cache.engine.kernels and variant in ("default", "no-pdl")
+                    cache.engine.kernels = cache.engine.kernels and variant in KERNEL_VARIANTS
                     decode_kernels.PDL = variant != "no-pdl"
                     if variant == "stack":
                         cache.engine = _Stacked(cache.engine)
@@ -208,16 +225,21 @@ def main() -> None:
                     static.release_all()
                     fused._compiled_layer = None
                     decode_kernels.PDL = True
+                    set_prefetch(default_prefetch)
                 if args.out:
                     args.out.parent.mkdir(parents=True, exist_ok=True)
                     args.out.write_text(json.dumps(result, indent=1))
             if args.loop:
-                for setting, filters in (("greedy", {"temperature": 0.0}),
-                                         ("t1", {"temperature": 1.0, "top_k": 10, "top_p": 0.9})):
-                    ms = loop_ms_per_token(model, filters)
-                    entry[f"sampling_loop_{setting}_ms_per_token"] = ms
-                    print(f"{name:14s} sampling loop, {setting}: {ms:.3f} ms/token", flush=True)
-                static.release_all()
+                for variant in args.loop_variants.split(","):
+                    set_prefetch(PREFETCH_VARIANTS.get(variant, default_prefetch))
+                    suffix = "" if variant == "default" else f"_{variant}"
+                    for setting, filters in (("greedy", {"temperature": 0.0}),
+                                             ("t1", {"temperature": 1.0, "top_k": 10, "top_p": 0.9})):
+                        ms = loop_ms_per_token(model, filters)
+                        entry[f"sampling_loop_{setting}{suffix}_ms_per_token"] = ms
+                        print(f"{name:14s} sampling loop, {variant}, {setting}: {ms:.3f} ms/token", flush=True)
+                    static.release_all()
+                set_prefetch(default_prefetch)
                 if args.out:
                     args.out.write_text(json.dumps(result, indent=1))
             del model

@@ -98,6 +98,46 @@ def _pdl(device: torch.device) -> bool:
     return PDL and gdc_wait is not None and device.type == "cuda" and _hopper_or_later(device)
 
 
+# Weights fetched into L2 ahead of the products that read them, by a small kernel beside
+# the step (``prefetcher``, on a stream of its own that the step joins only at its end):
+# layer by layer it waits for the layer's attention kernel to raise a flag, then issues
+# one bulk prefetch (``cp.async.bulk.prefetch.L2``, Hopper and later) per piece of the
+# layer's table (``prefetch_table``; decoders.fused decides which weights). Why: attention
+# and the small products around it leave DRAM idle for several microseconds a layer while
+# the gate/up and down products after them are bound by its bandwidth; bytes moved into
+# L2 meanwhile are bytes those products read from L2. Why beside the step and not inside
+# it: a kernel ends only once its bulk prefetches have landed, so issued from the
+# attention kernel they made it wait for them (4.7 -> 13.4 us a layer at 25 MB, and the
+# same with a prefetch per 128-byte line; the 1.5B's step 1.57 -> 1.89 ms, H100,
+# benchmarks/step_profile.py); a prefetch kernel forked and joined per layer paid on the
+# 1.5B (1.50 ms at 12.5 MB) but its 28 forks cost the smaller models their gain. No
+# weight is written by a step, so no result changes. False turns it off; the interpreter
+# never uses it.
+L2_PREFETCH = True
+# Programs of the prefetcher, and bytes one of its prefetch instructions covers (a table row).
+PREFETCH_PROGRAMS = 8
+PREFETCH_PIECE = 16384
+
+
+def _l2_prefetch(device: torch.device) -> bool:
+    return bool(L2_PREFETCH) and triton is not None and device.type == "cuda" and _hopper_or_later(device)
+
+
+def prefetch_table(ranges: list[tuple[int, int]], device: torch.device) -> torch.Tensor | None:
+    """The ``(pieces, 2)`` int64 table of ``(address, bytes)`` the prefetcher reads for byte
+    ranges ``(address, bytes)`` of device memory: each range cut into pieces of at
+    most ``PREFETCH_PIECE`` bytes, 16-byte aligned as the bulk prefetch needs (a range's end
+    rounded up within the caching allocator's 512-byte blocks). None where this device does
+    not prefetch or nothing is asked."""
+    if not _l2_prefetch(device):
+        return None
+    rows = []
+    for address, size in ranges:
+        start, end = address & ~15, (address + size + 15) & ~15
+        rows += [(a, min(PREFETCH_PIECE, end - a)) for a in range(start, end, PREFETCH_PIECE)]
+    return torch.tensor(rows, dtype=torch.int64, device=device) if rows else None
+
+
 # --- matrix-vector products -------------------------------------------------------------------
 
 # Up to this many rows a launch reduces row by row on CUDA cores; more use tensor
@@ -369,6 +409,40 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 if triton is not None:
 
     @triton.jit
+    def _prefetch_l2(table_ptr, count, program, programs, THREADS: tl.constexpr):
+        # Rows program, program + programs, ... of the (address, bytes) table, one per thread:
+        # each a bulk prefetch into L2, issued and not waited for.
+        for first in range(program * THREADS, count, programs * THREADS):
+            i = first + tl.arange(0, THREADS)
+            ok = i < count
+            address = tl.load(table_ptr + 2 * i, mask=ok, other=0)
+            size = tl.load(table_ptr + 2 * i + 1, mask=ok, other=0).to(tl.int32)
+            tl.inline_asm_elementwise(
+                "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; "
+                "mov.u32 $0, 0; }", "=r,l,r", [address, size], dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
+    def _prefetcher_kernel(table_ptr, starts_ptr, layers, flag_ptr, THREADS: tl.constexpr,
+                           SPIN_LIMIT: tl.constexpr):
+        # Beside a step, on a stream nothing waits for until the step's end: layer by layer,
+        # waits until the layer's attention kernel has raised flag[0] past it, then prefetches
+        # that layer's rows of the table. The last program done resets both counters.
+        program = tl.program_id(0)
+        programs = tl.num_programs(0)
+        for layer in range(layers):
+            # Bounded: a step cut off before its last attention (an exception between launches)
+            # must not leave a kernel spinning on the device; it gives up after about a second.
+            spins = 0
+            while (tl.atomic_add(flag_ptr, 0, sem="acquire") <= layer) & (spins < SPIN_LIMIT):
+                spins += 1
+            first = tl.load(starts_ptr + layer)
+            _prefetch_l2(table_ptr + 2 * first, tl.load(starts_ptr + layer + 1) - first, program, programs,
+                         THREADS)
+        if tl.atomic_add(flag_ptr + 1, 1, sem="acq_rel") == programs - 1:
+            tl.atomic_xchg(flag_ptr, 0)
+            tl.atomic_xchg(flag_ptr + 1, 0)
+
+    @triton.jit
     def _rotary_rows(ptr, row_stride, rows, cols_base, pos, cos_ptr, sin_ptr, mask,
                      D: tl.constexpr):
         # Rows of a (rows, D) head slice rotated by the rotate-half rule at positions ``pos``,
@@ -385,9 +459,11 @@ if triton is not None:
 
     @triton.jit
     def _attention_chunk_kernel(qkv_ptr, keys_ptr, values_ptr, cos_ptr, sin_ptr, positions_ptr,
-                                part_acc_ptr, part_max_ptr, part_sum_ptr, n, max_length, chunks, scale,
+                                part_acc_ptr, part_max_ptr, part_sum_ptr, signal_ptr, signal,
+                                n, max_length, chunks, scale,
                                 HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr,
-                                BLOCK_Q: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
+                                BLOCK_Q: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr,
+                                SIGNAL: tl.constexpr):
         # One program: cache row r, KV head h, cache positions [c * CHUNK, (c + 1) * CHUNK).
         # Its queries are the G = HEADS / KV_HEADS query heads of h times the n new tokens,
         # as query row i = g * n + t (head h * G + g, token t). A chunk past the new tokens
@@ -397,6 +473,9 @@ if triton is not None:
         r = tl.program_id(0) // KV_HEADS
         h = tl.program_id(0) % KV_HEADS
         c = tl.program_id(1)
+        if SIGNAL:  # the prefetcher may start on this layer's weights (q/k/v's are read by now or soon)
+            if (tl.program_id(0) == 0) & (c == 0):
+                tl.atomic_xchg(signal_ptr, signal, sem="release")
         start = tl.load(positions_ptr)  # the new tokens sit at start .. start + n - 1
         if c * CHUNK < start + n:
             d = tl.arange(0, D)
@@ -481,19 +560,28 @@ if triton is not None:
                  mask=(d * 0 + i) < G * n)
 
 
+def prefetcher(table: torch.Tensor, starts: torch.Tensor, flag: torch.Tensor) -> None:
+    """Launch, on the current stream, the kernel that prefetches layer i's rows
+    ``starts[i]:starts[i + 1]`` of ``table`` once ``flag[0]`` exceeds i (``attention``'s
+    ``signal`` raises it); ``flag`` ``(2,)`` int32, zero before and after."""
+    _prefetcher_kernel[(PREFETCH_PROGRAMS,)](table, starts, starts.shape[0] - 1, flag, THREADS=128,
+                                                 SPIN_LIMIT=1 << 20, num_warps=4)
+
+
 def attention_launch(n: int, heads: int, kv_heads: int, head_dim: int, max_length: int,
-                     pdl: bool) -> tuple[dict, dict]:
+                     pdl: bool, signal: bool = False) -> tuple[dict, dict]:
     """The compile-time constants and warps of ``attention``'s two kernels for ``n`` new
     tokens over a cache of ``max_length`` positions: ``(chunk kernel's, merge kernel's)``.
     One place, so that benchmarks/kernel_resources.py compiles what the step launches."""
     block_q = max(16, triton.next_power_of_2(heads // kv_heads * n))
     shared = dict(HEADS=heads, KV_HEADS=kv_heads, D=head_dim, BLOCK_Q=block_q, CHUNK=CHUNK, PDL=pdl)
     block_c = min(32, triton.next_power_of_2(triton.cdiv(max_length, CHUNK)))
-    return dict(shared, num_warps=4), dict(shared, BLOCK_C=block_c, num_warps=2)
+    return dict(shared, SIGNAL=signal, num_warps=4), dict(shared, BLOCK_C=block_c, num_warps=2)
 
 
 def attention(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cos: torch.Tensor,
-              sin: torch.Tensor, positions: torch.Tensor, *, heads: int, kv_heads: int) -> torch.Tensor:
+              sin: torch.Tensor, positions: torch.Tensor, *, heads: int, kv_heads: int,
+              signal: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
     """Causal attention of the new tokens over the cache, writing their keys and values.
 
     ``qkv`` ``(rows * n, (heads + 2 * kv_heads) * head_dim)``: this step's
@@ -503,11 +591,13 @@ def attention(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cos: 
     (so a graph replays at whatever position ``positions[0]`` holds): token t
     sits at ``positions[0] + t`` and sees every cached position up to its own.
     Returns ``(rows * n, heads * head_dim)``, ready for the output projection.
+    ``signal`` ``(flag, value)``: the chunk kernel stores ``value`` in the int32 ``flag``
+    as it starts (``prefetcher`` waits for it).
     """
     rows, _, max_length, head_dim = keys.shape
     n = positions.shape[0]
     pdl = _pdl(qkv.device)
-    chunk, merge = attention_launch(n, heads, kv_heads, head_dim, max_length, pdl)
+    chunk, merge = attention_launch(n, heads, kv_heads, head_dim, max_length, pdl, signal is not None)
     chunks, block_q = triton.cdiv(max_length, CHUNK), chunk["BLOCK_Q"]
     parts = rows * kv_heads * chunks * block_q
     part_acc = torch.empty((parts, head_dim), dtype=torch.float32, device=qkv.device)
@@ -516,8 +606,9 @@ def attention(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cos: 
     out = torch.empty((rows * n, heads * head_dim), dtype=qkv.dtype, device=qkv.device)
     qkv = qkv.contiguous()
     _attention_chunk_kernel[(rows * kv_heads, chunks)](
-        qkv, keys, values, cos, sin, positions, part_acc, part_max, part_sum, n, max_length, chunks,
-        head_dim**-0.5, **chunk, launch_pdl=pdl)
+        qkv, keys, values, cos, sin, positions, part_acc, part_max, part_sum,
+        *(signal if signal is not None else (positions, 0)),
+        n, max_length, chunks, head_dim**-0.5, **chunk, launch_pdl=pdl)
     _attention_combine_kernel[(rows * kv_heads, block_q)](
         part_acc, part_max, part_sum, positions, out, n, chunks, **merge, launch_pdl=pdl)
     return out

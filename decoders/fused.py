@@ -197,6 +197,34 @@ def compiled_layer():
     return _compiled_layer
 
 
+# Share of the device's L2 each layer fills, from its attention on, with the weights its
+# products read next (decode_kernels.L2_PREFETCH says why).
+PREFETCH_L2_SHARE = 0.25
+
+
+def prefetch_budget(device: torch.device) -> int:
+    """Bytes a layer prefetches into L2 on ``device`` (0: none)."""
+    if device.type != "cuda" or PREFETCH_L2_SHARE <= 0:
+        return 0
+    return int(PREFETCH_L2_SHARE * torch.cuda.get_device_properties(device).L2_cache_size)
+
+
+def prefetch_ranges(o_w: torch.Tensor, gate_up_w: torch.Tensor, down_w: torch.Tensor,
+                    budget: int) -> list[tuple[int, int]]:
+    """``(address, bytes)`` of the first ``budget`` bytes a layer's products read after
+    attention, in their order: the output projection, then gate/up (whose programs read
+    a gate row and the matching up row together: both halves from their start), then down."""
+    ranges = []
+    for streams in ([o_w], list(gate_up_w.chunk(2)), [down_w]):
+        size = sum(t.numel() * t.element_size() for t in streams)
+        share = min(size, budget) // len(streams)
+        ranges += [(t.data_ptr(), share) for t in streams if share]
+        budget -= share * len(streams)
+        if budget <= 0:
+            break
+    return ranges
+
+
 class FusedForward:
     """The model's forward over its own KV cache of ``rows`` rows and ``max_length`` positions.
 
@@ -230,6 +258,17 @@ class FusedForward:
         head = self.weights.head
         self._dense_head = (type(head) is torch.nn.Linear
                             and decode_kernels.dense(head.weight, head.bias, self.weights.norm))
+        # The prefetcher beside each kernel step (decode_kernels.L2_PREFETCH): per layer, the
+        # first bytes its products read after attention, one table for all layers.
+        budget = prefetch_budget(param.device) if self.kernels else 0
+        tables = [decode_kernels.prefetch_table(prefetch_ranges(o_w, gate_up_w, down_w, budget), param.device)
+                  for _, _, _, o_w, _, _, gate_up_w, _, down_w, _ in self.weights.layers] if budget else []
+        self._prefetcher = None
+        if tables and all(t is not None for t in tables):
+            starts = torch.tensor([0] + [t.shape[0] for t in tables]).cumsum(0)
+            self._prefetcher = (torch.cat(tables), starts.to(param.device),
+                                torch.zeros(2, dtype=torch.int32, device=param.device),
+                                torch.cuda.Stream(device=param.device))
 
     @torch.no_grad()  # the model's parameters require grad; a decode step never does
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, keep: int,
@@ -254,6 +293,12 @@ class FusedForward:
         elif w.fuse is not None:
             raise ValueError("this model fuses features with its tokens: pass features=...")
         kernels = self.takes_kernels(x.shape[0] * x.shape[1], compiled)
+        side = kernels and self._prefetcher is not None
+        if side:  # the prefetcher runs beside the step; joined before the step returns
+            main, stream = torch.cuda.current_stream(), self._prefetcher[3]
+            stream.wait_stream(main)
+            with torch.cuda.stream(stream):
+                decode_kernels.prefetcher(*self._prefetcher[:3])
         if kernels:
             x = self._kernel_layers(x, positions)
         else:
@@ -278,6 +323,8 @@ class FusedForward:
             logits = logits.view(rows, keep, -1)
         else:
             logits = w.head(states[:, -keep:])
+        if side:
+            main.wait_stream(stream)
         return (logits, states) if hidden else logits
 
     def takes_kernels(self, rows: int, compiled: bool) -> bool:
@@ -289,11 +336,13 @@ class FusedForward:
         """The layers through ``decode_kernels``: six launches a layer."""
         rows, n, width = x.shape
         x = x.reshape(rows * n, width)
+        flag = self._prefetcher[2] if self._prefetcher is not None else None
         for i, (ln1, qkv_w, qkv_b, o_w, o_b, ln2, gate_up_w, gate_up_b, down_w, down_b) in enumerate(
                 self.weights.layers):
             qkv = decode_kernels.gemv(x, qkv_w, qkv_b, norm=ln1, eps=self.eps)
             attn = decode_kernels.attention(qkv, self.keys[i], self.values[i], self.cos, self.sin, positions,
-                                            heads=self.heads, kv_heads=self.kv_heads)
+                                            heads=self.heads, kv_heads=self.kv_heads,
+                                            signal=None if flag is None else (flag, i + 1))
             x = decode_kernels.gemv(attn, o_w, o_b, residual=x)
             act = decode_kernels.gemv(x, gate_up_w, gate_up_b, norm=ln2, eps=self.eps, gated=True)
             x = decode_kernels.gemv(act, down_w, down_b, residual=x)

@@ -212,3 +212,64 @@ def test_split_counters_are_one_buffer_for_the_life_of_the_process():
     assert K._locks(device, K._LOCK_COUNT) is first
     with pytest.raises(ValueError, match="counters"):
         K._locks(device, K._LOCK_COUNT + 1)
+
+
+def test_prefetch_ranges_follow_the_order_the_products_read():
+    """Output projection first, then gate and up from the start of each half (a program
+    reads a gate row with its up row), then down; cut at the budget."""
+    o = torch.empty(8, 16, dtype=torch.float16)
+    gate_up = torch.empty(24, 16, dtype=torch.float16)
+    down = torch.empty(16, 12, dtype=torch.float16)
+    o_bytes, half, down_bytes = o.numel() * 2, gate_up.numel(), down.numel() * 2
+    gate, up = gate_up.data_ptr(), gate_up.data_ptr() + half
+    assert fused.prefetch_ranges(o, gate_up, down, o_bytes - 32) == [(o.data_ptr(), o_bytes - 32)]
+    assert fused.prefetch_ranges(o, gate_up, down, o_bytes + 64) == [(o.data_ptr(), o_bytes), (gate, 32), (up, 32)]
+    assert fused.prefetch_ranges(o, gate_up, down, o_bytes + 2 * half + 48) == [
+        (o.data_ptr(), o_bytes), (gate, half), (up, half), (down.data_ptr(), 48)]
+    assert fused.prefetch_ranges(o, gate_up, down, 10**9)[-1] == (down.data_ptr(), down_bytes)
+
+
+def test_prefetch_table_covers_each_range_in_aligned_pieces(monkeypatch):
+    monkeypatch.setattr(K, "_l2_prefetch", lambda device: True)
+    monkeypatch.setattr(K, "PREFETCH_PIECE", 64)
+    ranges = [(1000, 200), (4096, 64), (8200, 1)]
+    table = K.prefetch_table(ranges, torch.device("cpu")).tolist()
+    assert all(a % 16 == 0 and 0 < size <= 64 and size % 16 == 0 for a, size in table)
+    covered = {byte for a, size in table for byte in range(a, a + size)}
+    wanted = {byte for a, size in ranges for byte in range(a, a + size)}
+    assert wanted <= covered
+    assert len(covered) == sum(size for _, size in table)  # no byte fetched twice
+    assert max(covered - wanted) - max(wanted) < 16 and min(wanted) - min(covered) < 16
+    monkeypatch.setattr(K, "_l2_prefetch", lambda device: False)
+    assert K.prefetch_table(ranges, torch.device("cpu")) is None
+
+
+@pytest.mark.gpu
+def test_l2_prefetch_changes_no_result(monkeypatch):
+    """The prefetcher beside a step moves bytes into L2 and nothing else: the logits and the
+    cache of a run of decode steps are bit-identical with and without it, eagerly and
+    replayed from a graph, and its flag is back at zero after each step."""
+    model = _tiny_qwen(torch.bfloat16)
+    tokens = torch.randint(0, 97, (12,), generator=torch.Generator().manual_seed(23)).to(DEVICE)
+    runs = []
+    for share in (0.0, 0.5):
+        monkeypatch.setattr(fused, "PREFETCH_L2_SHARE", share)
+        engine = fused.FusedForward(model, rows=1, max_length=128)
+        assert engine.kernels and (engine._prefetcher is not None) == (share > 0)
+        with torch.inference_mode():
+            logits = [engine(tokens[i].view(1, 1), torch.tensor([i], device=DEVICE), None, keep=1, compiled=True)
+                      for i in range(len(tokens))]
+        if share:
+            assert engine._prefetcher[2].tolist() == [0, 0]
+        runs.append((torch.cat(logits), engine.keys.clone()))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    with torch.inference_mode():  # through the static cache's captured graphs, as the decoders run
+        outs = []
+        for share in (0.0, 0.5):
+            monkeypatch.setattr(fused, "PREFETCH_L2_SHARE", share)
+            static.release_all()
+            cache = static.StaticCachedModel(model, rows=1, max_length=128, graphs=True, compile=True)
+            cache(tokens[:4].view(1, -1))
+            outs.append(torch.cat([cache(tokens[i].view(1, 1)) for i in range(4, len(tokens))]))
+        static.release_all()
+    assert torch.equal(outs[0], outs[1])
