@@ -429,10 +429,11 @@ if triton is not None:
         # that layer's rows of the table. The last program done resets both counters.
         program = tl.program_id(0)
         programs = tl.num_programs(0)
+        # Bounded over the whole step: a step cut off before its last attention (an exception
+        # between launches), or a device that runs this kernel before the step's instead of
+        # beside them, must not leave it spinning; it gives up after about a second.
+        spins = 0
         for layer in range(layers):
-            # Bounded: a step cut off before its last attention (an exception between launches)
-            # must not leave a kernel spinning on the device; it gives up after about a second.
-            spins = 0
             while (tl.atomic_add(flag_ptr, 0, sem="acquire") <= layer) & (spins < SPIN_LIMIT):
                 spins += 1
             first = tl.load(starts_ptr + layer)
