@@ -43,6 +43,7 @@ from step_cost import SHAPES as STEP_COST_MODELS  # noqa: E402
 from transformers import Qwen2ForCausalLM  # noqa: E402
 
 from decoders import decode_kernels as K  # noqa: E402
+from decoders import fused  # noqa: E402
 
 # The pairs' models (benchmarks/step_cost.py has their shapes and more).
 MODELS = ("smollm2-135m", "qwen2.5-0.5b", "qwen2.5-1.5b")
@@ -108,7 +109,9 @@ def launches(name: str, rows: int, sms: int, pdl: bool) -> list[tuple[str, objec
             block_m, tiles, _ = K.tensor_core_launch(rows, n, k, (*config, 1), device=None)
             split = K.split_for(tiles[0] * tiles[1], triton.cdiv(k, block_k), sms)
             out.append((what, K._gemv_dot_kernel, dict(flags, BLOCK_M=block_m, SPLIT_K=split), warps, stages))
-    chunk, merge = K.attention_launch(rows, heads, kv_heads, head_dim, CACHE, pdl, signal=pdl and K.L2_PREFETCH)
+    # The chunk kernel signals the L2 prefetcher where the step runs one (sm_90 has the prefetch).
+    signal = K.L2_PREFETCH and fused.PREFETCH_L2_SHARE > 0
+    chunk, merge = K.attention_launch(rows, heads, kv_heads, head_dim, CACHE, pdl, signal=signal)
     for what, kernel, constants in (("attention chunks", K._attention_chunk_kernel, chunk),
                                     ("attention merge", K._attention_combine_kernel, merge)):
         constants = dict(constants)

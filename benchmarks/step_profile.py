@@ -161,6 +161,15 @@ def loop_ms_per_token(model: torch.nn.Module, filters: dict, tokens: int = 128) 
     return 1e3 * (times[tokens + 8] - times[8]) / tokens
 
 
+def repeat_key(table: dict, key: str) -> str:
+    """``key``, or ``key#2``, ``key#3``... where a variant named again (an A/B alternation:
+    ``--variants a,b,a,b``) would overwrite an earlier measurement."""
+    n = 1
+    while (f"{key}#{n}" if n > 1 else key) in table:
+        n += 1
+    return f"{key}#{n}" if n > 1 else key
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="qwen2.5-1.5b,smollm2-135m")
@@ -217,10 +226,11 @@ def main() -> None:
                             for r in table[:24]:
                                 print(f"  {r['us_per_step']:8.1f} us/step {r['calls_per_step']:5.1f}x "
                                       f"{r['us_per_call']:6.2f} us  {r['kernel']}")
-                    entry["variants"][variant] = row
+                    entry["variants"][repeat_key(entry["variants"], variant)] = row
                 except Exception as exc:  # a variant that does not compile must not cost the others
-                    print(f"{name:14s} {variant:9s} failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
-                    entry["variants"][variant] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+                    error = f"{type(exc).__name__}: {str(exc)[:300]}"
+                    print(f"{name:14s} {variant:9s} failed: {error}", flush=True)
+                    entry["variants"][repeat_key(entry["variants"], variant)] = {"error": error}
                 finally:
                     static.release_all()
                     fused._compiled_layer = None
@@ -236,7 +246,7 @@ def main() -> None:
                     for setting, filters in (("greedy", {"temperature": 0.0}),
                                              ("t1", {"temperature": 1.0, "top_k": 10, "top_p": 0.9})):
                         ms = loop_ms_per_token(model, filters)
-                        entry[f"sampling_loop_{setting}{suffix}_ms_per_token"] = ms
+                        entry[repeat_key(entry, f"sampling_loop_{setting}{suffix}_ms_per_token")] = ms
                         print(f"{name:14s} sampling loop, {variant}, {setting}: {ms:.3f} ms/token", flush=True)
                     static.release_all()
                 set_prefetch(default_prefetch)

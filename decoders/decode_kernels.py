@@ -111,8 +111,9 @@ def _pdl(device: torch.device) -> bool:
 # same with a prefetch per 128-byte line; the 1.5B's step 1.57 -> 1.89 ms, H100,
 # benchmarks/step_profile.py); a prefetch kernel forked and joined per layer paid on the
 # 1.5B (1.50 ms at 12.5 MB) but its 28 forks cost the smaller models their gain. No
-# weight is written by a step, so no result changes. False turns it off; the interpreter
-# never uses it.
+# weight is written by a step, so no result changes. fused.PREFETCH_L2_SHARE says how much
+# a layer prefetches (none by default: the README's measurements say why); False here
+# turns it off whatever the share; the interpreter never uses it.
 L2_PREFETCH = True
 # Programs of the prefetcher, and bytes one of its prefetch instructions covers (a table row).
 PREFETCH_PROGRAMS = 8
@@ -426,7 +427,7 @@ if triton is not None:
                            SPIN_LIMIT: tl.constexpr):
         # Beside a step, on a stream nothing waits for until the step's end: layer by layer,
         # waits until the layer's attention kernel has raised flag[0] past it, then prefetches
-        # that layer's rows of the table. The last program done resets both counters.
+        # that layer's rows of the table. The step zeroes the flag before launching it.
         program = tl.program_id(0)
         programs = tl.num_programs(0)
         # Bounded over the whole step: a step cut off before its last attention (an exception
@@ -439,9 +440,6 @@ if triton is not None:
             first = tl.load(starts_ptr + layer)
             _prefetch_l2(table_ptr + 2 * first, tl.load(starts_ptr + layer + 1) - first, program, programs,
                          THREADS)
-        if tl.atomic_add(flag_ptr + 1, 1, sem="acq_rel") == programs - 1:
-            tl.atomic_xchg(flag_ptr, 0)
-            tl.atomic_xchg(flag_ptr + 1, 0)
 
     @triton.jit
     def _rotary_rows(ptr, row_stride, rows, cols_base, pos, cos_ptr, sin_ptr, mask,
@@ -564,7 +562,7 @@ if triton is not None:
 def prefetcher(table: torch.Tensor, starts: torch.Tensor, flag: torch.Tensor) -> None:
     """Launch, on the current stream, the kernel that prefetches layer i's rows
     ``starts[i]:starts[i + 1]`` of ``table`` once ``flag[0]`` exceeds i (``attention``'s
-    ``signal`` raises it); ``flag`` ``(2,)`` int32, zero before and after."""
+    ``signal`` raises it); ``flag`` ``(1,)`` int32, zero when the kernel starts."""
     _prefetcher_kernel[(PREFETCH_PROGRAMS,)](table, starts, starts.shape[0] - 1, flag, THREADS=128,
                                                  SPIN_LIMIT=1 << 20, num_warps=4)
 

@@ -198,8 +198,14 @@ def compiled_layer():
 
 
 # Share of the device's L2 each layer fills, from its attention on, with the weights its
-# products read next (decode_kernels.L2_PREFETCH says why).
-PREFETCH_L2_SHARE = 0.25
+# products read next (decode_kernels.L2_PREFETCH says how and why). Off by default: at a
+# quarter of L2 the sampling loop took 4.9-5.4% less time a token on the Qwen 1.5B shape
+# (H100) and 2.5-4.6% (H200), and nothing measurable on the 0.5B or SmolLM2
+# (benchmarks/step_profile.py --loop-variants no-prefetch,prefetch-25); the form measured
+# there reset its flag itself and could leave it stale after a first step that compiled
+# kernels, and the form here, zeroed by each step, has not yet run on a GPU, nor has its
+# energy (eight programs spin while they wait) been measured. 0.25 turns it on.
+PREFETCH_L2_SHARE = 0.0
 
 
 def prefetch_budget(device: torch.device) -> int:
@@ -267,7 +273,7 @@ class FusedForward:
         if tables and all(t is not None for t in tables):
             starts = torch.tensor([0] + [t.shape[0] for t in tables]).cumsum(0)
             self._prefetcher = (torch.cat(tables), starts.to(param.device),
-                                torch.zeros(2, dtype=torch.int32, device=param.device),
+                                torch.zeros(1, dtype=torch.int32, device=param.device),
                                 torch.cuda.Stream(device=param.device))
 
     @torch.no_grad()  # the model's parameters require grad; a decode step never does
@@ -296,6 +302,9 @@ class FusedForward:
         side = kernels and self._prefetcher is not None
         if side:  # the prefetcher runs beside the step; joined before the step returns
             main, stream = torch.cuda.current_stream(), self._prefetcher[3]
+            # Zeroed by the step, not by the prefetcher: a step whose prefetcher gave up
+            # waiting (a first step that compiles kernels) leaves no stale flag to the next.
+            self._prefetcher[2].zero_()
             stream.wait_stream(main)
             with torch.cuda.stream(stream):
                 decode_kernels.prefetcher(*self._prefetcher[:3])
