@@ -111,7 +111,9 @@ def _pdl(device: torch.device) -> bool:
 # same with a prefetch per 128-byte line; the 1.5B's step 1.57 -> 1.89 ms, H100,
 # benchmarks/step_profile.py); a prefetch kernel forked and joined per layer paid on the
 # 1.5B (1.50 ms at 12.5 MB) but its 28 forks cost the smaller models their gain. No
-# weight is written by a step, so no result changes. fused.PREFETCH_L2_SHARE says how much
+# weight is written by a step, so no result changes. Where launches run one after another
+# (CUDA_LAUNCH_BLOCKING=1, a kernel profiler that serialises them) the prefetcher waits out
+# its whole spin budget (SPIN_LIMIT, about a second) every step. fused.PREFETCH_L2_SHARE says how much
 # a layer prefetches (none by default: the README's measurements say why); False here
 # turns it off whatever the share; the interpreter never uses it.
 L2_PREFETCH = True
@@ -427,7 +429,8 @@ if triton is not None:
                            SPIN_LIMIT: tl.constexpr):
         # Beside a step, on a stream nothing waits for until the step's end: layer by layer,
         # waits until the layer's attention kernel has raised flag[0] past it, then prefetches
-        # that layer's rows of the table. The step zeroes the flag before launching it.
+        # that layer's rows of the table. The step zeroes flag[0] and flag[1] before launching
+        # it; flag[1] ends as the count of programs that never gave up waiting.
         program = tl.program_id(0)
         programs = tl.num_programs(0)
         # Bounded over the whole step: a step cut off before its last attention (an exception
@@ -440,6 +443,7 @@ if triton is not None:
             first = tl.load(starts_ptr + layer)
             _prefetch_l2(table_ptr + 2 * first, tl.load(starts_ptr + layer + 1) - first, program, programs,
                          THREADS)
+        tl.atomic_add(flag_ptr + 1, (spins < SPIN_LIMIT).to(tl.int32))  # programs that never gave up
 
     @triton.jit
     def _rotary_rows(ptr, row_stride, rows, cols_base, pos, cos_ptr, sin_ptr, mask,
@@ -456,7 +460,7 @@ if triton is not None:
         sin = tl.load(sin_ptr + pos[:, None] * D + d[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
         return xs * cos + sign[None, :] * xp * sin
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["signal"])  # one compiled kernel for every layer's value
     def _attention_chunk_kernel(qkv_ptr, keys_ptr, values_ptr, cos_ptr, sin_ptr, positions_ptr,
                                 part_acc_ptr, part_max_ptr, part_sum_ptr, signal_ptr, signal,
                                 n, max_length, chunks, scale,
@@ -472,7 +476,10 @@ if triton is not None:
         r = tl.program_id(0) // KV_HEADS
         h = tl.program_id(0) % KV_HEADS
         c = tl.program_id(1)
-        if SIGNAL:  # the prefetcher may start on this layer's weights (q/k/v's are read by now or soon)
+        # The prefetcher may start on this layer's weights (q/k/v's are read by now or soon).
+        # Raised before the PDL wait, so it may start while the layer before still reads
+        # its down projection; after the wait is untried.
+        if SIGNAL:
             if (tl.program_id(0) == 0) & (c == 0):
                 tl.atomic_xchg(signal_ptr, signal, sem="release")
         start = tl.load(positions_ptr)  # the new tokens sit at start .. start + n - 1
@@ -562,7 +569,9 @@ if triton is not None:
 def prefetcher(table: torch.Tensor, starts: torch.Tensor, flag: torch.Tensor) -> None:
     """Launch, on the current stream, the kernel that prefetches layer i's rows
     ``starts[i]:starts[i + 1]`` of ``table`` once ``flag[0]`` exceeds i (``attention``'s
-    ``signal`` raises it); ``flag`` ``(1,)`` int32, zero when the kernel starts."""
+    ``signal`` raises it); ``flag`` ``(2,)`` int32, zero when the kernel starts; ``flag[1]``
+    ends as the number of its programs that never gave up waiting (``PREFETCH_PROGRAMS`` when
+    the step ran beside it)."""
     _prefetcher_kernel[(PREFETCH_PROGRAMS,)](table, starts, starts.shape[0] - 1, flag, THREADS=128,
                                                  SPIN_LIMIT=1 << 20, num_warps=4)
 

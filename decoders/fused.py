@@ -21,6 +21,7 @@ for them (``room_for_copies``), the model's own forward runs instead.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
 
@@ -199,7 +200,7 @@ def compiled_layer():
 
 # Share of the device's L2 each layer fills, from its attention on, with the weights its
 # products read next (decode_kernels.L2_PREFETCH says how and why). Off by default: at a
-# quarter of L2 the sampling loop took 4.9-5.4% less time a token on the Qwen 1.5B shape
+# quarter of L2 the sampling loop took 4.2-5.4% less time a token on the Qwen 1.5B shape
 # (H100) and 2.5-4.6% (H200), and nothing measurable on the 0.5B or SmolLM2
 # (benchmarks/step_profile.py --loop-variants no-prefetch,prefetch-25); the form measured
 # there reset its flag itself and could leave it stale after a first step that compiled
@@ -273,7 +274,7 @@ class FusedForward:
         if tables and all(t is not None for t in tables):
             starts = torch.tensor([0] + [t.shape[0] for t in tables]).cumsum(0)
             self._prefetcher = (torch.cat(tables), starts.to(param.device),
-                                torch.zeros(1, dtype=torch.int32, device=param.device),
+                                torch.zeros(2, dtype=torch.int32, device=param.device),
                                 torch.cuda.Stream(device=param.device))
 
     @torch.no_grad()  # the model's parameters require grad; a decode step never does
@@ -299,42 +300,53 @@ class FusedForward:
         elif w.fuse is not None:
             raise ValueError("this model fuses features with its tokens: pass features=...")
         kernels = self.takes_kernels(x.shape[0] * x.shape[1], compiled)
-        side = kernels and self._prefetcher is not None
-        if side:  # the prefetcher runs beside the step; joined before the step returns
-            main, stream = torch.cuda.current_stream(), self._prefetcher[3]
-            # Zeroed by the step, not by the prefetcher: a step whose prefetcher gave up
-            # waiting (a first step that compiles kernels) leaves no stale flag to the next.
-            self._prefetcher[2].zero_()
-            stream.wait_stream(main)
-            with torch.cuda.stream(stream):
-                decode_kernels.prefetcher(*self._prefetcher[:3])
-        if kernels:
-            x = self._kernel_layers(x, positions)
-        else:
-            layer_fn = compiled_layer() if compiled else decoder_layer
-            cos, sin = self.cos[positions], self.sin[positions]  # (n, head_dim)
-            mask = mask.float().repeat(self.heads // self.kv_heads, 1)
-            for i, params in enumerate(w.layers):
-                x = layer_fn(x, cos, sin, mask, self.keys[i], self.values[i], positions, *params,
-                             heads=self.heads, kv_heads=self.kv_heads, eps=self.eps)
-        # The final norm over every position (as transformers' own forward does), so a
-        # step that also returns the hidden states (an EAGLE target's) gives the logits a
-        # step of the same shape without them gives.
-        # On the kernels the head's launch normalises its rows itself (its norm prologue):
-        # the same rounding, and four launches fewer a step; the states are normed apart
-        # only for a step that returns them, and the logits do not depend on that.
-        head_kernel = kernels and self._dense_head
-        states = _rms_norm(x, w.norm, self.eps) if hidden or not head_kernel else None
-        if head_kernel:
-            rows = x.shape[0]
-            logits = decode_kernels.gemv(x[:, -keep:].reshape(rows * keep, -1), w.head.weight, w.head.bias,
-                                         norm=w.norm, eps=self.eps)
-            logits = logits.view(rows, keep, -1)
-        else:
-            logits = w.head(states[:, -keep:])
-        if side:
-            main.wait_stream(stream)
+        with self._prefetching(kernels and self._prefetcher is not None):
+            if kernels:
+                x = self._kernel_layers(x, positions)
+            else:
+                layer_fn = compiled_layer() if compiled else decoder_layer
+                cos, sin = self.cos[positions], self.sin[positions]  # (n, head_dim)
+                mask = mask.float().repeat(self.heads // self.kv_heads, 1)
+                for i, params in enumerate(w.layers):
+                    x = layer_fn(x, cos, sin, mask, self.keys[i], self.values[i], positions, *params,
+                                 heads=self.heads, kv_heads=self.kv_heads, eps=self.eps)
+            # The final norm over every position (as transformers' own forward does), so a
+            # step that also returns the hidden states (an EAGLE target's) gives the logits a
+            # step of the same shape without them gives.
+            # On the kernels the head's launch normalises its rows itself (its norm prologue):
+            # the same rounding, and four launches fewer a step; the states are normed apart
+            # only for a step that returns them, and the logits do not depend on that.
+            head_kernel = kernels and self._dense_head
+            states = _rms_norm(x, w.norm, self.eps) if hidden or not head_kernel else None
+            if head_kernel:
+                rows = x.shape[0]
+                logits = decode_kernels.gemv(x[:, -keep:].reshape(rows * keep, -1), w.head.weight, w.head.bias,
+                                             norm=w.norm, eps=self.eps)
+                logits = logits.view(rows, keep, -1)
+            else:
+                logits = w.head(states[:, -keep:])
         return (logits, states) if hidden else logits
+
+    @contextlib.contextmanager
+    def _prefetching(self, on: bool):
+        """Inside: the L2 prefetcher runs beside the step's launches on its own stream
+        (decode_kernels.L2_PREFETCH), joined on the way out, an exception included (an
+        unjoined stream would fail a graph capture with an error that hides the real one)."""
+        if not on:
+            yield
+            return
+        table, starts, flag, stream = self._prefetcher
+        main = torch.cuda.current_stream(flag.device)
+        # Zeroed by the step, not by the prefetcher: a step whose prefetcher gave up
+        # waiting (a first step that compiles kernels) leaves no stale flag to the next.
+        flag.zero_()
+        stream.wait_stream(main)
+        with torch.cuda.stream(stream):
+            decode_kernels.prefetcher(table, starts, flag)
+        try:
+            yield
+        finally:
+            main.wait_stream(stream)
 
     def takes_kernels(self, rows: int, compiled: bool) -> bool:
         """Whether a step of ``rows`` rows (tokens fed x cache rows) runs ``decode_kernels``
