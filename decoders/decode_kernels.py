@@ -112,10 +112,11 @@ def _pdl(device: torch.device) -> bool:
 # benchmarks/step_profile.py); a prefetch kernel forked and joined per layer paid on the
 # 1.5B (1.50 ms at 12.5 MB) but its 28 forks cost the smaller models their gain. No
 # weight is written by a step, so no result changes. Where launches run one after another
-# (CUDA_LAUNCH_BLOCKING=1, a kernel profiler that serialises them) the prefetcher waits out
-# its whole spin budget (SPIN_LIMIT, about a second) every step. fused.PREFETCH_L2_SHARE says how much
-# a layer prefetches (none by default: the README's measurements say why); False here
-# turns it off whatever the share; the interpreter never uses it.
+# (CUDA_LAUNCH_BLOCKING=1, a kernel profiler that serialises them) the prefetcher waits
+# out its whole spin budget (SPIN_LIMIT, about a second) every step.
+# fused.PREFETCH_L2_SHARE says how much a layer prefetches (none by default: the README's
+# measurements say why); False here turns it off whatever the share; the interpreter
+# never uses it.
 L2_PREFETCH = True
 # Programs of the prefetcher, and bytes one of its prefetch instructions covers (a table row).
 PREFETCH_PROGRAMS = 8
