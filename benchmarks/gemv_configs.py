@@ -77,14 +77,22 @@ def main() -> None:
     ap.add_argument("--warps", default="1,2,8", help="tried on the best block shape (4 warps first)")
     ap.add_argument("--stages", default="1", help="pipeline stages tried with every block shape")
     ap.add_argument("--splits", default="",
-                    help="K splits tried on the best configuration of a tensor-core launch (2+ rows), "
+                    help="K splits tried on the best configuration of a tensor-core launch, "
                          "besides the split _split_k picks")
+    ap.add_argument("--row-kernel-rows", type=int, default=None,
+                    help="launches of up to this many rows take the CUDA-core row kernel whatever the "
+                         "matrix (default: decode_kernels.takes_row_kernel decides), so that its "
+                         "configurations are swept for them")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    if args.row_kernel_rows is not None:
+        K.ROW_KERNEL_ROWS = args.row_kernel_rows
+        K.gemv_config.cache_clear()
     bandwidth = copy_bandwidth()
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20)
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s, L2 {l2 / 2**20:.0f} MiB", flush=True)
-    result = {"gpu": torch.cuda.get_device_name(), "copy_bandwidth_Bps": bandwidth, "shapes": []}
+    result = {"gpu": torch.cuda.get_device_name(), "copy_bandwidth_Bps": bandwidth,
+              "row_kernel_rows": K.ROW_KERNEL_ROWS, "shapes": []}
     ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
     first = list(itertools.product(ints(args.block_n), ints(args.block_k)))
     torch.manual_seed(0)
@@ -143,13 +151,14 @@ def sweep(spec: dict, rows_list: list[int], shapes: list[tuple[int, int]], warps
         for w in warps:
             attempt((bn, bk, w, st))
         best = min(timed, key=timed.get)
-        if rows > K.ROW_KERNEL_ROWS:
+        tensor_cores = not K.takes_row_kernel(rows, out_n, k, spec.get("gated", False))
+        if tensor_cores:
             for sp in splits:
                 if sp <= -(-k // best[1]):
                     attempt((*best[:4], sp))
             best = min(timed, key=timed.get)
         default = K.gemv_config(out_n, k, rows, spec.get("gated", False), spec.get("norm", False))
-        if rows > K.ROW_KERNEL_ROWS:  # the split the default takes, on this GPU
+        if tensor_cores:  # the split the default takes, on this GPU
             default = (*default, K.tensor_core_launch(rows, out_n, k, default, x.device)[2])
         rows_out.append({"n": n, "k": k, "rows": rows, "bytes": nbytes,
                          "cublas_us": graph_us(lambda i, x=x: F.linear(x, weights[i], bias), copies),

@@ -18,6 +18,11 @@ one process (the default first):
 - ``no-prefetch``, ``prefetch-15``, ``-25``, ``-40``, ``-60``: the same kernels with none,
   or that percentage of L2, of each layer's weights read after its attention prefetched
   into L2 beside the step (``fused.PREFETCH_L2_SHARE``; ``default`` is the module's share).
+- ``row-kernel``: every product of the step on the CUDA-core row kernel, whatever its
+  rows (``decode_kernels.ROW_KERNEL_ROWS`` raised to ``--tokens``).
+- ``tensor-core``: every product of a step of 2+ rows on the tensor-core kernel (the
+  rule before ``decode_kernels.takes_row_kernel`` kept small matrices of up to
+  ``SMALL_MATRIX_ROWS`` rows on the row kernel).
 - ``compiled-layer``: the layer under ``torch.compile`` in three regions with
   coordinate-descent tuning (``fused.compiled_layer``, the form before the kernels).
 - ``one-region``: the whole layer as one compiled function (the form before
@@ -32,7 +37,8 @@ one process (the default first):
 (greedy and T=1 with top-k 10, top-p 0.9; a 256-token prompt): ms per token,
 beside the step's replay, so what the decoder adds to its forward (the sampling
 draw, buffer copies, the host) is measured in the same process; ``--loop-variants``
-times it under each prefetch variant named.
+times it under each prefetch variant named, and ``--energy`` adds its joules per token
+(Zeus, one window over about three seconds of generations per variant and setting).
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import functools
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -59,7 +66,7 @@ VARIANTS = ("default", "no-pdl", "compiled-layer", "one-region", "no-cdt", "sdpa
 # weights read next (fused.PREFETCH_L2_SHARE; 0: none).
 PREFETCH_VARIANTS = {"no-prefetch": 0.0, "prefetch-15": 0.15, "prefetch-25": 0.25, "prefetch-40": 0.4,
                      "prefetch-60": 0.6}
-KERNEL_VARIANTS = ("default", "no-pdl", *PREFETCH_VARIANTS)
+KERNEL_VARIANTS = ("default", "no-pdl", "row-kernel", "tensor-core", *PREFETCH_VARIANTS)
 
 
 def sdpa_attention(x, cos, sin, mask, keys, values, positions, ln1, qkv_w, qkv_b, o_w, o_b, ln2, *,
@@ -81,6 +88,14 @@ def sdpa_attention(x, cos, sin, mask, keys, values, positions, ln1, qkv_w, qkv_b
 
 def set_prefetch(share: float) -> None:
     fused.PREFETCH_L2_SHARE = share
+
+
+def set_row_kernel(rows: int, small_rows: int) -> None:
+    """Products of up to ``rows`` rows, and of small matrices up to ``small_rows``, on the
+    CUDA-core row kernel (``gemv_config`` caches its choice per shape, so its cache goes too)."""
+    decode_kernels.ROW_KERNEL_ROWS = rows
+    decode_kernels.SMALL_MATRIX_ROWS = small_rows
+    decode_kernels.gemv_config.cache_clear()
 
 
 def set_variant(name: str) -> None:
@@ -140,9 +155,13 @@ def kernel_table(cache: static.StaticCachedModel, n: int, steps: int = 20) -> li
     return sorted(rows, key=lambda r: -r["us_per_step"])
 
 
-def loop_ms_per_token(model: torch.nn.Module, filters: dict, tokens: int = 128) -> float:
+def loop_ms_per_token(model: torch.nn.Module, filters: dict, tokens: int = 128,
+                      meter=None) -> tuple[float, float | None]:
     """Wall ms per token of ``sampling``'s loop: generations of ``tokens + 8`` and 8
-    tokens after the same prompt, differenced (the prompt's forward cancels)."""
+    tokens after the same prompt, differenced (the prompt's forward cancels); and with
+    an energy ``meter``, joules per generated token over one window of generations of
+    ``tokens + 8`` lasting about three seconds (prompt forwards included, alike for
+    every variant)."""
     dec = get_decoder("sampling", target=model, **filters)
     device = next(model.parameters()).device
     prompt = torch.randint(0, 1000, (1, FILLED), device=device)
@@ -158,7 +177,15 @@ def loop_ms_per_token(model: torch.nn.Module, filters: dict, tokens: int = 128) 
             assert len(out.tokens) == n, "the loop stopped early"
             runs.append(time.perf_counter() - t0)
         times[n] = min(runs)
-    return 1e3 * (times[tokens + 8] - times[8]) / tokens
+    ms = 1e3 * (times[tokens + 8] - times[8]) / tokens
+    if meter is None:
+        return ms, None
+    generations = max(3, round(3.0 / times[tokens + 8]))
+    meter.begin("loop")
+    for seed in range(generations):
+        dec.generate(prompt, tokens + 8, torch.Generator().manual_seed(seed))
+    window = meter.end("loop")
+    return ms, window.total_j / (generations * (tokens + 8))
 
 
 def repeat_key(table: dict, key: str) -> str:
@@ -182,16 +209,28 @@ def main() -> None:
     ap.add_argument("--loop", action="store_true", help="also time the sampling decoder's loop per token")
     ap.add_argument("--loop-variants", default="default",
                     help=f"with --loop: the loop under each of these ({', '.join(('default', *PREFETCH_VARIANTS))})")
+    ap.add_argument("--energy", action="store_true", help="with --loop: joules per token too (needs zeus)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    meter = None
+    if args.energy:
+        from harness.energy import EnergyMeter
+
+        meter = EnergyMeter([torch.cuda.current_device()])
     if args.kernel_rows is not None:
         fused.KERNEL_ROWS = args.kernel_rows
     bandwidth = copy_bandwidth()
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bandwidth_Bps": bandwidth,
               "tokens": args.tokens, "models": {}}
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
+    if meter is not None:
+        result["idle_power_w"] = meter.idle_power_w()
+        print(f"idle power {result['idle_power_w']:.0f} W", flush=True)
     table_variants = set(args.table_variants.split(","))
     default_prefetch = fused.PREFETCH_L2_SHARE
+    default_rows = decode_kernels.ROW_KERNEL_ROWS, decode_kernels.SMALL_MATRIX_ROWS
+    variant_rows = {"row-kernel": (max(args.tokens, default_rows[0]), default_rows[1]),
+                    "tensor-core": (default_rows[0], default_rows[0])}
     with torch.inference_mode():
         for name in args.models.split(","):
             model = build(name)
@@ -203,6 +242,7 @@ def main() -> None:
                 try:
                     set_variant(variant)
                     set_prefetch(PREFETCH_VARIANTS.get(variant, default_prefetch))
+                    set_row_kernel(*variant_rows.get(variant, default_rows))
                     cache = static.StaticCachedModel(model, 1, CACHE, graphs=True, compile=variant != "stack")
                     cache.engine.kernels = cache.engine.kernels and variant in KERNEL_VARIANTS
                     decode_kernels.PDL = variant != "no-pdl"
@@ -230,12 +270,14 @@ def main() -> None:
                 except Exception as exc:  # a variant that does not compile must not cost the others
                     error = f"{type(exc).__name__}: {str(exc)[:300]}"
                     print(f"{name:14s} {variant:9s} failed: {error}", flush=True)
+                    traceback.print_exc()
                     entry["variants"][repeat_key(entry["variants"], variant)] = {"error": error}
                 finally:
                     static.release_all()
                     fused._compiled_layer = None
                     decode_kernels.PDL = True
                     set_prefetch(default_prefetch)
+                    set_row_kernel(*default_rows)
                 if args.out:
                     args.out.parent.mkdir(parents=True, exist_ok=True)
                     args.out.write_text(json.dumps(result, indent=1))
@@ -245,9 +287,14 @@ def main() -> None:
                     suffix = "" if variant == "default" else f"_{variant}"
                     for setting, filters in (("greedy", {"temperature": 0.0}),
                                              ("t1", {"temperature": 1.0, "top_k": 10, "top_p": 0.9})):
-                        ms = loop_ms_per_token(model, filters)
+                        ms, joules = loop_ms_per_token(model, filters, meter=meter)
                         entry[repeat_key(entry, f"sampling_loop_{setting}{suffix}_ms_per_token")] = ms
-                        print(f"{name:14s} sampling loop, {variant}, {setting}: {ms:.3f} ms/token", flush=True)
+                        energy = ""
+                        if joules is not None:
+                            entry[repeat_key(entry, f"sampling_loop_{setting}{suffix}_j_per_token")] = joules
+                            energy = f", {joules:.3f} J/token"
+                        print(f"{name:14s} sampling loop, {variant}, {setting}: {ms:.3f} ms/token{energy}",
+                              flush=True)
                     static.release_all()
                 set_prefetch(default_prefetch)
                 if args.out:

@@ -148,6 +148,24 @@ def prefetch_table(ranges: list[tuple[int, int]], device: torch.device) -> torch
 # cores (the row kernel took 2.8x cuBLAS for 5 rows of Qwen2.5-1.5B's gate/up, the
 # tensor-core kernel 1.5x: benchmarks/gemv_configs.py --rows 5, H200).
 ROW_KERNEL_ROWS = 1
+# A small matrix stays on the row kernel up to SMALL_MATRIX_ROWS rows: its launch is
+# latency, and the row kernel's (launched to overlap the one before, no split-K partials)
+# is the shorter. H100, 2 and 3 rows (benchmarks/gemv_configs.py --rows 2,3
+# --row-kernel-rows 3): every matrix of at most 2**22 weights ran faster there than on
+# the tensor-core kernel (Qwen2.5-1.5B's o 4.6 against 6.2 us, SmolLM2's q/k/v 3.4 against
+# 5.5), every larger one slower (Qwen2.5-0.5B's down, 4.4M weights: 9.0 against 7.6;
+# the 1.5B's gate/up 35 against 25). Whole 2-token steps (benchmarks/step_profile.py
+# --tokens 2 --variants default,tensor-core): the 0.5B's 0.87-0.89 ms against 0.98, the
+# 1.5B's 1.75-1.76 against 1.87, SmolLM2's about 0.70 against 0.87.
+SMALL_MATRIX_ROWS = 3
+SMALL_MATRIX = 2**22
+
+
+def takes_row_kernel(rows: int, n: int, k: int, gated: bool = False) -> bool:
+    """Whether a launch of ``rows`` rows over an ``(n, k)`` product (``gated``: gate and
+    up, ``2n`` outputs) runs the CUDA-core row kernel, else the tensor-core kernel."""
+    weights = (2 if gated else 1) * n * k
+    return rows <= ROW_KERNEL_ROWS or (rows <= SMALL_MATRIX_ROWS and weights <= SMALL_MATRIX)
 
 
 @functools.cache
@@ -163,10 +181,14 @@ def gemv_config(n: int, k: int, rows: int = 1, gated: bool = False,
     flight), eight for a wide gate/up or an output head. ``norm``: the product
     normalises its rows first (the tensor-core kernel's K block depends on it).
     """
-    if rows <= ROW_KERNEL_ROWS:
+    if takes_row_kernel(rows, n, k, gated):
         if n >= 32768:  # an output head
             return 8, (512 if k % 512 == 0 else 256), 4, 1
         block_k = 2048 if k > 1024 else triton.next_power_of_2(k)
+        if norm and rows > 1:
+            # Every program normalises every row first: fewer, wider programs repeat it less
+            # (q/k/v at 2-3 rows, H100: 6.1 against 8.1 us on the 1.5B, 3.4 against 5.2 on SmolLM2).
+            return 8, block_k, (8 if k <= 1024 else 4), 1
         if gated:
             block_n = 8 if n >= 4096 else 4
         else:
@@ -390,8 +412,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
             residual.contiguous() if residual is not None else dummy)
     flags = dict(NORM=norm is not None, BIAS=bias is not None, RESIDUAL=residual is not None, GATED=gated,
                  BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
-    if m <= ROW_KERNEL_ROWS:
-        # BLOCK_M 8: the kernel as measured (it serves one row; the row loop runs once).
+    if takes_row_kernel(m, n, k, gated):
+        # BLOCK_M 8: the kernel as measured (it serves up to SMALL_MATRIX_ROWS rows).
         pdl = _pdl(x.device)
         _gemv_rows_kernel[(triton.cdiv(n, block_n),)](*args, m, n, k, eps, BLOCK_M=8, PDL=pdl, launch_pdl=pdl,
                                                       **flags)

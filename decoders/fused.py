@@ -199,13 +199,14 @@ def compiled_layer():
 
 
 # Share of the device's L2 each layer fills, from its attention on, with the weights its
-# products read next (decode_kernels.L2_PREFETCH says how and why). Off by default: at a
-# quarter of L2 the sampling loop took 4.2-5.4% less time a token on the Qwen 1.5B shape
-# (H100) and 2.5-4.6% (H200), and nothing measurable on the 0.5B or SmolLM2
-# (benchmarks/step_profile.py --loop-variants no-prefetch,prefetch-25); the form measured
-# there reset its flag itself and could leave it stale after a first step that compiled
-# kernels, and the form here, zeroed by each step, has not yet run on a GPU, nor has its
-# energy (eight programs spin while they wait) been measured. 0.25 turns it on.
+# products read next (decode_kernels.L2_PREFETCH says how and why). Off by default. At a
+# quarter of L2 the sampling loop took 3-5% less time a token on the Qwen 1.5B shape (H100;
+# 2.5-4.6% on an H200) at 1-2% less energy a token, and nothing measurable on the 0.5B or
+# SmolLM2 (benchmarks/step_profile.py --loop-variants no-prefetch,prefetch-25 --energy). But
+# beside the row kernel's 2- and 3-row steps (decode_kernels.takes_row_kernel) it made the
+# 0.5B's steps 1.35-1.43 ms against 0.87-0.97 without it (H100, --tokens 2 and 3), and one
+# capture failed with it on (once in nine processes, not reproduced), both unexplained.
+# 0.25 turns it on.
 PREFETCH_L2_SHARE = 0.0
 
 

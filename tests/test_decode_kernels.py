@@ -34,7 +34,7 @@ def _close(got, expected, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", [1, 5, 20])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 20])
 def test_gemv_steps_match_torch(dtype, rows):
     """Plain, bias, norm prologue, residual and SiLU-gated forms; K not a multiple of the block."""
     k, n = 96, 48
@@ -61,8 +61,50 @@ def test_gemv_rows_are_independent_and_deterministic():
     assert K._split_k(4, 512 // block_k, x.device) > 1  # the split path is what runs
     together = K.gemv(x, w, norm=ln, eps=1e-6, gated=True)
     assert torch.equal(K.gemv(x, w, norm=ln, eps=1e-6, gated=True), together)
-    for i in (0, 3, 5):
-        assert torch.equal(K.gemv(x[i:i + 2], w, norm=ln, eps=1e-6, gated=True)[0], together[i])
+    for i in (0, 3):  # four rows: fewer could take the row kernel (takes_row_kernel)
+        assert not K.takes_row_kernel(4, 64, 512, gated=True)
+        assert torch.equal(K.gemv(x[i:i + 4], w, norm=ln, eps=1e-6, gated=True)[0], together[i])
+
+
+class _Launches:
+    """Stands in for a Triton kernel: records each launch's name, then launches it."""
+
+    def __init__(self, kernel, name: str, seen: list[str]) -> None:
+        self.kernel, self.name, self.seen = kernel, name, seen
+
+    def __getitem__(self, grid):
+        self.seen.append(self.name)
+        return self.kernel[grid]
+
+
+def test_a_few_rows_of_a_small_matrix_take_the_row_kernel(monkeypatch):
+    """Up to SMALL_MATRIX_ROWS rows of a matrix of at most SMALL_MATRIX weights run the row
+    kernel (there a launch is latency, and the row kernel's is the shorter); more rows, or a
+    larger matrix, the tensor-core kernel. Each gives the product."""
+    dtype = DTYPES[-1]
+    seen: list[str] = []
+    for name in ("_gemv_rows_kernel", "_gemv_dot_kernel"):
+        monkeypatch.setattr(K, name, _Launches(getattr(K, name), name, seen))
+    n, k = 48, 96
+    w = _rand(2 * n, k, dtype=dtype, seed=30, scale=k**-0.5)
+    ln = _rand(k, dtype=dtype, seed=31)
+
+    def launch(rows: int) -> str:
+        x = _rand(rows, k, dtype=dtype, seed=32 + rows)
+        seen.clear()
+        _close(K.gemv(x, w, norm=ln, eps=1e-6, gated=True), fused.mlp_in(fused._rms_norm(x, ln, 1e-6), w, None),
+               dtype)
+        (kernel,) = seen
+        return kernel
+
+    assert [launch(rows) for rows in range(1, K.SMALL_MATRIX_ROWS + 2)] == (
+        ["_gemv_rows_kernel"] * K.SMALL_MATRIX_ROWS + ["_gemv_dot_kernel"])
+    monkeypatch.setattr(K, "SMALL_MATRIX", 2 * n * k - 1)  # gate and up together: one weight too many
+    K.gemv_config.cache_clear()
+    try:
+        assert [launch(rows) for rows in (1, 2)] == ["_gemv_rows_kernel", "_gemv_dot_kernel"]
+    finally:
+        K.gemv_config.cache_clear()
 
 
 def test_gemv_takes_the_split_its_config_names():
@@ -190,7 +232,7 @@ def test_strided_weights_are_refused_by_gemv_and_keep_a_model_off_the_kernels(mo
     (2048, 1536, False), (1536, 1536, False), (8960, 1536, True), (1536, 8960, False), (151936, 1536, False),
     (960, 576, False), (1536, 576, True), (576, 1536, False), (49152, 576, False), (896, 4864, False),
 ])
-@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5])
 def test_gemv_default_configs_on_real_layer_shapes(n, k, gated, rows):
     """The launch configurations the decoders use (``gemv_config``) on Qwen2.5 and SmolLM2 matrices."""
     x = _rand(rows, k, dtype=torch.bfloat16, seed=15)
