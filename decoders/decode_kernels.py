@@ -25,8 +25,9 @@ Numerics follow transformers' order of rounding where it is observable (the norm
 in float32, rounded, then scaled; matmul outputs rounded before the residual or
 the activation), with float32 accumulation throughout. Results are
 deterministic (a split reduction sums its splits in a fixed order), and on the
-tensor-core kernel (2-16 rows share one 16-row tile) a row's result does not
-depend on how many rows are fed with it.
+tensor-core kernel (steps of up to 16 rows share one 16-row tile; two or three rows
+of a small matrix take the row kernel instead, ``takes_row_kernel``) a row's result
+does not depend on how many rows are fed with it.
 
 Only the shapes of a decode step: at most ``MAX_ROWS`` rows, fp16/bf16 weights,
 a power-of-two head size. ``supports`` says whether a model fits; the caller
@@ -150,13 +151,15 @@ def prefetch_table(ranges: list[tuple[int, int]], device: torch.device) -> torch
 ROW_KERNEL_ROWS = 1
 # A small matrix stays on the row kernel up to SMALL_MATRIX_ROWS rows: its launch is
 # latency, and the row kernel's (launched to overlap the one before, no split-K partials)
-# is the shorter. H100, 2 and 3 rows (benchmarks/gemv_configs.py --rows 2,3
-# --row-kernel-rows 3): every matrix of at most 2**22 weights ran faster there than on
-# the tensor-core kernel (Qwen2.5-1.5B's o 4.6 against 6.2 us, SmolLM2's q/k/v 3.4 against
-# 5.5), every larger one slower (Qwen2.5-0.5B's down, 4.4M weights: 9.0 against 7.6;
-# the 1.5B's gate/up 35 against 25). Whole 2-token steps (benchmarks/step_profile.py
+# is the shorter. H100, the row kernel at 2 and 3 rows (benchmarks/gemv_configs.py --rows
+# 2,3 --row-kernel-rows 3) against the tensor-core kernel's best at 5 rows (it reads one
+# 16-row tile whatever the rows; --rows 5): every matrix of at most 2**22 weights was
+# faster on the row kernel (Qwen2.5-1.5B's o 4.6 against 6.2 us, SmolLM2's q/k/v 3.4
+# against 5.5), every larger one slower (Qwen2.5-0.5B's down, 4.4M weights: 9.0 against
+# 7.6; the 1.5B's gate/up 35 against 25). Whole 2-token steps (benchmarks/step_profile.py
 # --tokens 2 --variants default,tensor-core): the 0.5B's 0.87-0.89 ms against 0.98, the
-# 1.5B's 1.75-1.76 against 1.87, SmolLM2's about 0.70 against 0.87.
+# 1.5B's 1.75-1.76 against 1.87; SmolLM2's 0.69-0.71 against 0.87 with every product on
+# the row kernel (--variants default,row-kernel, before this rule).
 SMALL_MATRIX_ROWS = 3
 SMALL_MATRIX = 2**22
 
@@ -413,10 +416,11 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     flags = dict(NORM=norm is not None, BIAS=bias is not None, RESIDUAL=residual is not None, GATED=gated,
                  BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     if takes_row_kernel(m, n, k, gated):
-        # BLOCK_M 8: the kernel as measured (it serves up to SMALL_MATRIX_ROWS rows).
+        # BLOCK_M 8: the kernel as measured (the decoders feed it at most SMALL_MATRIX_ROWS
+        # rows); more only where a benchmark raises ROW_KERNEL_ROWS (it holds a row's sums).
         pdl = _pdl(x.device)
-        _gemv_rows_kernel[(triton.cdiv(n, block_n),)](*args, m, n, k, eps, BLOCK_M=8, PDL=pdl, launch_pdl=pdl,
-                                                      **flags)
+        _gemv_rows_kernel[(triton.cdiv(n, block_n),)](*args, m, n, k, eps, BLOCK_M=max(8, triton.next_power_of_2(m)),
+                                                      PDL=pdl, launch_pdl=pdl, **flags)
         return y
     block_m, tiles, split = tensor_core_launch(m, n, k, config, x.device)
     if split > 1:

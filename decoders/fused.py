@@ -165,8 +165,9 @@ def mlp_out(x, act, down_w, down_b):
 
 
 # Steps of at most this many rows (tokens fed x cache rows) run decode_kernels: a
-# draft step, a verification of gamma + 1 tokens, a few beams. One row takes the row
-# kernel, more the tensor-core kernel; per matrix the latter is slower than cuBLAS
+# draft step, a verification of gamma + 1 tokens, a few beams. One row, and two or three
+# rows of a small matrix, take the row kernel, the rest the tensor-core kernel
+# (decode_kernels.takes_row_kernel); per matrix the latter is slower than cuBLAS
 # (5 rows of Qwen2.5-1.5B's gate/up 27.9 against 18.4 us, benchmarks/gemv_configs.py),
 # but the whole 5-token step is faster than the compiled layer's, its norms, rotary
 # and attention being fused: 1.97 against 2.06 ms (Qwen2.5-1.5B), 1.11 against 1.24
@@ -200,13 +201,13 @@ def compiled_layer():
 
 # Share of the device's L2 each layer fills, from its attention on, with the weights its
 # products read next (decode_kernels.L2_PREFETCH says how and why). Off by default. At a
-# quarter of L2 the sampling loop took 3-5% less time a token on the Qwen 1.5B shape (H100;
-# 2.5-4.6% on an H200) at 1-2% less energy a token, and nothing measurable on the 0.5B or
-# SmolLM2 (benchmarks/step_profile.py --loop-variants no-prefetch,prefetch-25 --energy). But
-# beside the row kernel's 2- and 3-row steps (decode_kernels.takes_row_kernel) it made the
-# 0.5B's steps 1.35-1.43 ms against 0.87-0.97 without it (H100, --tokens 2 and 3), and one
-# capture failed with it on (once in nine processes, not reproduced), both unexplained.
-# 0.25 turns it on.
+# quarter of L2 the sampling loop took 2-5% less time a token on the Qwen 1.5B shape (three
+# rounds, H100 and H200; at T=1 one of two pairs went the other way) at about 1% less energy
+# a token, and nothing measurable on the 0.5B or SmolLM2 (benchmarks/step_profile.py
+# --loop-variants no-prefetch,prefetch-25 --energy). But beside the row kernel's 2- and 3-row
+# steps (decode_kernels.takes_row_kernel) it made the 0.5B's steps 1.35-1.43 ms against
+# 0.87-0.97 without it (H100, --tokens 2 and 3), and the first of four processes with both
+# on failed a graph capture; neither is explained. 0.25 turns it on: measure those first.
 PREFETCH_L2_SHARE = 0.0
 
 

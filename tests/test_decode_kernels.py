@@ -51,7 +51,7 @@ def test_gemv_steps_match_torch(dtype, rows):
 
 
 def test_gemv_rows_are_independent_and_deterministic():
-    """On the tensor-core kernel (2-16 rows, K split over programs) a row's result is
+    """On the tensor-core kernel (up to 16 rows, K split over programs) a row's result is
     bit-identical whatever else is fed with it, and from one launch to the next."""
     dtype = DTYPES[-1]
     x = _rand(7, 512, dtype=dtype, seed=5)
@@ -80,12 +80,13 @@ class _Launches:
 def test_a_few_rows_of_a_small_matrix_take_the_row_kernel(monkeypatch):
     """Up to SMALL_MATRIX_ROWS rows of a matrix of at most SMALL_MATRIX weights run the row
     kernel (there a launch is latency, and the row kernel's is the shorter); more rows, or a
-    larger matrix, the tensor-core kernel. Each gives the product."""
+    larger matrix, the tensor-core kernel. Each gives the product (with the norm, in the
+    wider programs of gemv_config's rule for 2+ rows, here over outputs not a multiple of them)."""
     dtype = DTYPES[-1]
     seen: list[str] = []
     for name in ("_gemv_rows_kernel", "_gemv_dot_kernel"):
         monkeypatch.setattr(K, name, _Launches(getattr(K, name), name, seen))
-    n, k = 48, 96
+    n, k = 45, 96
     w = _rand(2 * n, k, dtype=dtype, seed=30, scale=k**-0.5)
     ln = _rand(k, dtype=dtype, seed=31)
 
@@ -97,8 +98,7 @@ def test_a_few_rows_of_a_small_matrix_take_the_row_kernel(monkeypatch):
         (kernel,) = seen
         return kernel
 
-    assert [launch(rows) for rows in range(1, K.SMALL_MATRIX_ROWS + 2)] == (
-        ["_gemv_rows_kernel"] * K.SMALL_MATRIX_ROWS + ["_gemv_dot_kernel"])
+    assert [launch(rows) for rows in (1, 2, 3, 4)] == ["_gemv_rows_kernel"] * 3 + ["_gemv_dot_kernel"]
     monkeypatch.setattr(K, "SMALL_MATRIX", 2 * n * k - 1)  # gate and up together: one weight too many
     K.gemv_config.cache_clear()
     try:
@@ -250,7 +250,8 @@ def test_split_counters_are_one_buffer_for_the_life_of_the_process():
     """Captured graphs keep the counters' address: a later, wider launch must not replace them."""
     device = torch.device(DEVICE)
     first = K._locks(device, 8)
-    K.gemv(_rand(2, 64, dtype=DTYPES[-1], seed=19), _rand(4800, 64, dtype=DTYPES[-1], seed=20))
+    assert not K.takes_row_kernel(4, 4800, 64)  # a split launch of the tensor-core kernel
+    K.gemv(_rand(4, 64, dtype=DTYPES[-1], seed=19), _rand(4800, 64, dtype=DTYPES[-1], seed=20))
     assert K._locks(device, K._LOCK_COUNT) is first
     with pytest.raises(ValueError, match="counters"):
         K._locks(device, K._LOCK_COUNT + 1)
