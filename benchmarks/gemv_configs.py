@@ -82,7 +82,8 @@ def main() -> None:
     ap.add_argument("--row-kernel-rows", type=int, default=None,
                     help="launches of up to this many rows take the CUDA-core row kernel whatever the "
                          "matrix (default: decode_kernels.takes_row_kernel decides), so that its "
-                         "configurations are swept for them")
+                         "configurations are swept for them; 'default' is then the row kernel's rule "
+                         "even where the decoders would take the tensor-core kernel")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if args.row_kernel_rows is not None:

@@ -212,6 +212,11 @@ def main() -> None:
     ap.add_argument("--energy", action="store_true", help="with --loop: joules per token too (needs zeus)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    for what, given, known in (("--variants", args.variants, VARIANTS + KERNEL_VARIANTS),
+                               ("--loop-variants", args.loop_variants, ("default", *PREFETCH_VARIANTS))):
+        unknown = set(given.split(",")) - set(known)
+        if unknown:  # an unknown name would run some other variant under its label
+            ap.error(f"{what}: unknown {', '.join(sorted(unknown))} (known: {', '.join(dict.fromkeys(known))})")
     meter = None
     if args.energy:
         from harness.energy import EnergyMeter
