@@ -88,7 +88,6 @@ def main() -> None:
     args = ap.parse_args()
     if args.row_kernel_rows is not None:
         K.ROW_KERNEL_ROWS = args.row_kernel_rows
-        K.gemv_config.cache_clear()
     bandwidth = copy_bandwidth()
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20)
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s, L2 {l2 / 2**20:.0f} MiB", flush=True)

@@ -92,10 +92,9 @@ def set_prefetch(share: float) -> None:
 
 def set_row_kernel(rows: int, small_rows: int) -> None:
     """Products of up to ``rows`` rows, and of small matrices up to ``small_rows``, on the
-    CUDA-core row kernel (``gemv_config`` caches its choice per shape, so its cache goes too)."""
+    CUDA-core row kernel."""
     decode_kernels.ROW_KERNEL_ROWS = rows
     decode_kernels.SMALL_MATRIX_ROWS = small_rows
-    decode_kernels.gemv_config.cache_clear()
 
 
 def set_variant(name: str) -> None:

@@ -171,7 +171,13 @@ def takes_row_kernel(rows: int, n: int, k: int, gated: bool = False) -> bool:
     return rows <= ROW_KERNEL_ROWS or (rows <= SMALL_MATRIX_ROWS and weights <= SMALL_MATRIX)
 
 
-@functools.cache
+def row_block_m(rows: int) -> int:
+    """The row kernel's BLOCK_M for ``rows`` rows (it holds every row's sums): 8, the kernel
+    as measured (the decoders feed it at most SMALL_MATRIX_ROWS rows), more only where a
+    benchmark raises ROW_KERNEL_ROWS."""
+    return max(8, triton.next_power_of_2(rows))
+
+
 def gemv_config(n: int, k: int, rows: int = 1, gated: bool = False,
                 norm: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages) for an ``n``-output, ``k``-input product.
@@ -184,7 +190,15 @@ def gemv_config(n: int, k: int, rows: int = 1, gated: bool = False,
     flight), eight for a wide gate/up or an output head. ``norm``: the product
     normalises its rows first (the tensor-core kernel's K block depends on it).
     """
-    if takes_row_kernel(rows, n, k, gated):
+    # Which kernel is part of the cache key, so that setting ROW_KERNEL_ROWS or the small-
+    # matrix bounds (benchmarks, tests) takes effect without clearing the cache.
+    return _launch_config(n, k, rows, gated, norm, takes_row_kernel(rows, n, k, gated))
+
+
+@functools.cache
+def _launch_config(n: int, k: int, rows: int, gated: bool, norm: bool,
+                   row_kernel: bool) -> tuple[int, int, int, int]:
+    if row_kernel:
         if n >= 32768:  # an output head
             return 8, (512 if k % 512 == 0 else 256), 4, 1
         block_k = 2048 if k > 1024 else triton.next_power_of_2(k)
@@ -416,11 +430,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     flags = dict(NORM=norm is not None, BIAS=bias is not None, RESIDUAL=residual is not None, GATED=gated,
                  BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     if takes_row_kernel(m, n, k, gated):
-        # BLOCK_M 8: the kernel as measured (the decoders feed it at most SMALL_MATRIX_ROWS
-        # rows); more only where a benchmark raises ROW_KERNEL_ROWS (it holds a row's sums).
         pdl = _pdl(x.device)
-        _gemv_rows_kernel[(triton.cdiv(n, block_n),)](*args, m, n, k, eps, BLOCK_M=max(8, triton.next_power_of_2(m)),
-                                                      PDL=pdl, launch_pdl=pdl, **flags)
+        _gemv_rows_kernel[(triton.cdiv(n, block_n),)](*args, m, n, k, eps, BLOCK_M=row_block_m(m), PDL=pdl,
+                                                      launch_pdl=pdl, **flags)
         return y
     block_m, tiles, split = tensor_core_launch(m, n, k, config, x.device)
     if split > 1:
