@@ -104,7 +104,8 @@ def launches(name: str, rows: int, sms: int, pdl: bool) -> list[tuple[str, objec
         block_n, block_k, warps, stages = config
         flags = dict(NORM=norm, BIAS=has_bias, RESIDUAL=residual, GATED=gated, BLOCK_N=block_n, BLOCK_K=block_k)
         if K.takes_row_kernel(rows, n, k, gated):
-            out.append((what, K._gemv_rows_kernel, dict(flags, BLOCK_M=K.row_block_m(rows), PDL=pdl), warps, stages))
+            constants = dict(flags, BLOCK_M=K.row_block_m(rows), PDL=pdl, WEIGHTS_FIRST=K.weights_first(n, k, gated))
+            out.append((what, K._gemv_rows_kernel, constants, warps, stages))
         else:  # the tiles of the launch (a split named so that no device is asked), split for ``sms``
             block_m, tiles, _ = K.tensor_core_launch(rows, n, k, (*config, 1), device=None)
             split = K.split_for(tiles[0] * tiles[1], triton.cdiv(k, block_k), sms)

@@ -15,6 +15,10 @@ one process (the default first):
   kernels a layer, each launched to overlap the one before: programmatic
   dependent launch).
 - ``no-pdl``: the same kernels launched one after another.
+- ``weights-after-wait``: the row kernel waits for the kernel before it, then reads its
+  first weight tile; ``weights-first-2e22``, ``-2e23``, ``-2e24``, ``-all``: it reads the
+  tile first for matrices of at most 2**22, 2**23, 2**24 weights, or every matrix
+  (``decode_kernels.WEIGHTS_FIRST_MAX``; ``default`` is the module's bound).
 - ``no-prefetch``, ``prefetch-15``, ``-25``, ``-40``, ``-60``: the same kernels with none,
   or that percentage of L2, of each layer's weights read after its attention prefetched
   into L2 beside the step (``fused.PREFETCH_L2_SHARE``; ``default`` is the module's share).
@@ -37,8 +41,9 @@ one process (the default first):
 (greedy and T=1 with top-k 10, top-p 0.9; a 256-token prompt): ms per token,
 beside the step's replay, so what the decoder adds to its forward (the sampling
 draw, buffer copies, the host) is measured in the same process; ``--loop-variants``
-times it under each prefetch variant named, and ``--energy`` adds its joules per token
-(Zeus, one window over about three seconds of generations per variant and setting).
+times it under each variant named (``default``, ``weights-after-wait`` and the prefetch
+ones), and ``--energy`` adds its joules per token (Zeus, one window over about three
+seconds of generations per variant and setting).
 """
 
 from __future__ import annotations
@@ -66,7 +71,13 @@ VARIANTS = ("default", "no-pdl", "compiled-layer", "one-region", "no-cdt", "sdpa
 # weights read next (fused.PREFETCH_L2_SHARE; 0: none).
 PREFETCH_VARIANTS = {"no-prefetch": 0.0, "prefetch-15": 0.15, "prefetch-25": 0.25, "prefetch-40": 0.4,
                      "prefetch-60": 0.6}
-KERNEL_VARIANTS = ("default", "no-pdl", "row-kernel", "tensor-core", *PREFETCH_VARIANTS)
+# The row kernel's first weight tile before its wait for matrices of at most this many
+# weights (decode_kernels.WEIGHTS_FIRST_MAX; 0: never, the kernel waits first).
+WEIGHTS_FIRST_VARIANTS = {"weights-after-wait": 0, "weights-first-2e22": 2**22, "weights-first-2e23": 2**23,
+                          "weights-first-2e24": 2**24, "weights-first-all": 2**62}
+KERNEL_VARIANTS = ("default", "no-pdl", "row-kernel", "tensor-core", *PREFETCH_VARIANTS, *WEIGHTS_FIRST_VARIANTS)
+# Variants the sampling loop can run under (--loop-variants).
+LOOP_VARIANTS = ("default", *PREFETCH_VARIANTS, *WEIGHTS_FIRST_VARIANTS)
 
 
 def sdpa_attention(x, cos, sin, mask, keys, values, positions, ln1, qkv_w, qkv_b, o_w, o_b, ln2, *,
@@ -207,12 +218,12 @@ def main() -> None:
                     help="steps of up to this many rows take the decode kernels (default: fused.KERNEL_ROWS)")
     ap.add_argument("--loop", action="store_true", help="also time the sampling decoder's loop per token")
     ap.add_argument("--loop-variants", default="default",
-                    help=f"with --loop: the loop under each of these ({', '.join(('default', *PREFETCH_VARIANTS))})")
+                    help=f"with --loop: the loop under each of these ({', '.join(LOOP_VARIANTS)})")
     ap.add_argument("--energy", action="store_true", help="with --loop: joules per token too (needs zeus)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     for what, given, known in (("--variants", args.variants, VARIANTS + KERNEL_VARIANTS),
-                               ("--loop-variants", args.loop_variants, ("default", *PREFETCH_VARIANTS))):
+                               ("--loop-variants", args.loop_variants, LOOP_VARIANTS)):
         unknown = set(given.split(",")) - set(known)
         if unknown:  # an unknown name would run some other variant under its label
             ap.error(f"{what}: unknown {', '.join(sorted(unknown))} (known: {', '.join(dict.fromkeys(known))})")
@@ -232,6 +243,7 @@ def main() -> None:
         print(f"idle power {result['idle_power_w']:.0f} W", flush=True)
     table_variants = set(args.table_variants.split(","))
     default_prefetch = fused.PREFETCH_L2_SHARE
+    default_weights_first = decode_kernels.WEIGHTS_FIRST_MAX
     default_rows = decode_kernels.ROW_KERNEL_ROWS, decode_kernels.SMALL_MATRIX_ROWS
     variant_rows = {"row-kernel": (max(args.tokens, default_rows[0]), default_rows[1]),
                     "tensor-core": (default_rows[0], default_rows[0])}
@@ -250,6 +262,7 @@ def main() -> None:
                     cache = static.StaticCachedModel(model, 1, CACHE, graphs=True, compile=variant != "stack")
                     cache.engine.kernels = cache.engine.kernels and variant in KERNEL_VARIANTS
                     decode_kernels.PDL = variant != "no-pdl"
+                    decode_kernels.WEIGHTS_FIRST_MAX = WEIGHTS_FIRST_VARIANTS.get(variant, default_weights_first)
                     if variant == "stack":
                         cache.engine = _Stacked(cache.engine)
                         cache.compiled = True
@@ -280,6 +293,7 @@ def main() -> None:
                     static.release_all()
                     fused._compiled_layer = None
                     decode_kernels.PDL = True
+                    decode_kernels.WEIGHTS_FIRST_MAX = default_weights_first
                     set_prefetch(default_prefetch)
                     set_row_kernel(*default_rows)
                 if args.out:
@@ -288,6 +302,7 @@ def main() -> None:
             if args.loop:
                 for variant in args.loop_variants.split(","):
                     set_prefetch(PREFETCH_VARIANTS.get(variant, default_prefetch))
+                    decode_kernels.WEIGHTS_FIRST_MAX = WEIGHTS_FIRST_VARIANTS.get(variant, default_weights_first)
                     suffix = "" if variant == "default" else f"_{variant}"
                     for setting, filters in (("greedy", {"temperature": 0.0}),
                                              ("t1", {"temperature": 1.0, "top_k": 10, "top_p": 0.9})):
@@ -301,6 +316,7 @@ def main() -> None:
                               flush=True)
                     static.release_all()
                 set_prefetch(default_prefetch)
+                decode_kernels.WEIGHTS_FIRST_MAX = default_weights_first
                 if args.out:
                     args.out.write_text(json.dumps(result, indent=1))
             del model

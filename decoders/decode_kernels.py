@@ -83,11 +83,21 @@ def available(device: torch.device) -> bool:
 # before this step's positions first, the combine the position. A decode step is
 # ~150-200 small launches whose own latency is most of their time, so overlapping each
 # launch with the tail of the last pays: SmolLM2-135M's step 0.64 -> 0.53 ms, 3% on the
-# larger shapes (benchmarks/step_profile.py, variant ``no-pdl``, H200). Fetching the
-# first weight tile before the wait cost registers and time (Qwen2.5-1.5B 1.71 ms, the
-# 7B shape 6.0 against 4.4), and the tensor-core kernel measured slower with it, so both
-# wait first / launch plainly. False turns it off; the interpreter never uses it.
+# larger shapes (benchmarks/step_profile.py, variant ``no-pdl``, H200). The tensor-core
+# kernel measured slower with it and is launched plainly. False turns it off; the
+# interpreter never uses it.
 PDL = True
+# The row kernel reads its first weight tile before it waits (PDL): no kernel of a step
+# writes a weight, so that read's DRAM latency overlaps the tail of the kernel before,
+# where DRAM idles; only for a matrix of at most WEIGHTS_FIRST_MAX weights (0: never).
+# One tile in registers at a time (a first form that also read the next tile during each
+# K block held two, spilled, and cost time: the 1.5B's step 1.71 ms, the 7B's 6.0 against
+# 4.4, H200). H100, benchmarks/step_profile.py, ms per one-token replay, waiting first ->
+# this: Qwen2.5-1.5B 1.52-1.54 -> 1.44-1.45, 0.5B 0.73-0.74 -> 0.66-0.67, SmolLM2-135M
+# 0.49-0.50 -> 0.45, Llama-2-7B 5.06-5.07 -> 5.02-5.03. Larger matrices lose with it (every
+# matrix first: the 1.5B 1.64-1.65, whose gate/up has 27.5M weights; the 7B 5.55-5.63);
+# why is not yet measured.
+WEIGHTS_FIRST_MAX = 2**24
 
 
 @functools.cache
@@ -171,6 +181,12 @@ def takes_row_kernel(rows: int, n: int, k: int, gated: bool = False) -> bool:
     return rows <= ROW_KERNEL_ROWS or (rows <= SMALL_MATRIX_ROWS and weights <= SMALL_MATRIX)
 
 
+def weights_first(n: int, k: int, gated: bool = False) -> bool:
+    """Whether the row kernel reads its first weight tile of an ``(n, k)`` product before
+    waiting for the kernel before it (``WEIGHTS_FIRST_MAX``)."""
+    return (2 if gated else 1) * n * k <= WEIGHTS_FIRST_MAX
+
+
 def row_block_m(rows: int) -> int:
     """The row kernel's BLOCK_M for ``rows`` rows (it holds every row's sums): 8, the kernel
     as measured (the decoders feed it at most SMALL_MATRIX_ROWS rows), more only where a
@@ -234,6 +250,20 @@ if triton is not None:
         return tl.rsqrt(squares / K + eps)
 
     @triton.jit
+    def _rstd_by_row(x_ptr, rm, M, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        # The same, one row at a time: a (BLOCK_K,) piece in registers instead of a
+        # (BLOCK_M, BLOCK_K) tile whose rows past M are padding (the row kernel feeds 1-3 rows).
+        rk = tl.arange(0, BLOCK_K)
+        rstd = tl.zeros((BLOCK_M,), tl.float32)
+        for m in range(M):
+            squares = 0.0
+            for k0 in range(0, K, BLOCK_K):
+                xs = tl.load(x_ptr + m * K + k0 + rk, mask=(k0 + rk) < K, other=0.0).to(tl.float32)
+                squares += tl.sum(xs * xs)
+            rstd = tl.where(rm == m, tl.rsqrt(squares / K + eps), rstd)
+        return rstd
+
+    @triton.jit
     def _normed(xs, rstd, g, dtype: tl.constexpr):
         # transformers' RMSNorm: normalise in float32, round to the model's dtype, then scale (rounded).
         return ((xs.to(tl.float32) * rstd).to(dtype).to(tl.float32) * g).to(dtype)
@@ -261,10 +291,41 @@ if triton is not None:
         tl.store(y_ptr + y_off, out, mask=y_ok)
 
     @triton.jit
+    def _weight_tile(w_ptr, rn, n_ok, N, K, k0, rk, GATED: tl.constexpr):
+        # Columns k0 .. k0 + BLOCK_K of the program's weight rows (and of the matching up
+        # rows), in the weight's dtype.
+        w_ok = n_ok[:, None] & ((k0 + rk) < K)[None, :]
+        ws = tl.load(w_ptr + rn[:, None] * K + (k0 + rk)[None, :], mask=w_ok, other=0.0)
+        wu = ws
+        if GATED:
+            wu = tl.load(w_ptr + (rn + N)[:, None] * K + (k0 + rk)[None, :], mask=w_ok, other=0.0)
+        return ws, wu
+
+    @triton.jit
+    def _rows_times_tile(acc, acc_up, ws, wu, x_ptr, norm_ptr, rstd, rm, M, K, k0, rk,
+                         NORM: tl.constexpr, GATED: tl.constexpr, dtype: tl.constexpr):
+        # acc[m, :] += prologue(x)[m, k0:k0 + BLOCK_K] . ws (and acc_up with wu), row by row.
+        k_ok = (k0 + rk) < K
+        wf = ws.to(tl.float32)
+        wuf = wu.to(tl.float32)
+        if NORM:
+            g = tl.load(norm_ptr + k0 + rk, mask=k_ok, other=0.0).to(tl.float32)
+        for m in range(M):
+            xs = tl.load(x_ptr + m * K + k0 + rk, mask=k_ok, other=0.0)
+            if NORM:
+                xs = _normed(xs, tl.sum(tl.where(rm == m, rstd, 0.0)), g, dtype)
+            xs = xs.to(tl.float32)[None, :]
+            row = (rm == m)[:, None]
+            acc = tl.where(row, acc + tl.sum(wf * xs, axis=1)[None, :], acc)
+            if GATED:
+                acc_up = tl.where(row, acc_up + tl.sum(wuf * xs, axis=1)[None, :], acc_up)
+        return acc, acc_up
+
+    @triton.jit
     def _gemv_rows_kernel(x_ptr, w_ptr, y_ptr, norm_ptr, bias_ptr, res_ptr, M, N, K, eps,
                           NORM: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          PDL: tl.constexpr):
+                          PDL: tl.constexpr, WEIGHTS_FIRST: tl.constexpr):
         # y[m, n] = epilogue(sum_k prologue(x)[m, k] * w[n, k]) for M <= BLOCK_M rows: each weight
         # tile is read once and reduced against every row in turn (CUDA cores, float32).
         rm = tl.arange(0, BLOCK_M)
@@ -272,31 +333,25 @@ if triton is not None:
         rk = tl.arange(0, BLOCK_K)
         n_ok = rn < N
         dtype = w_ptr.dtype.element_ty
-        if PDL:  # x and the residual come from the kernels before: wait at once
+        if WEIGHTS_FIRST:  # no kernel writes a weight: the first tile may come before the wait
+            ws, wu = _weight_tile(w_ptr, rn, n_ok, N, K, 0, rk, GATED)
+        if PDL:  # x and the residual come from the kernels before
             gdc_launch_dependents()
             gdc_wait()
+        if not WEIGHTS_FIRST:
+            ws, wu = _weight_tile(w_ptr, rn, n_ok, N, K, 0, rk, GATED)
+        rstd = tl.zeros((BLOCK_M,), tl.float32)
         if NORM:
-            rstd = _row_rstd(x_ptr, rm, M, K, eps, BLOCK_M, BLOCK_K)
+            rstd = _rstd_by_row(x_ptr, rm, M, K, eps, BLOCK_M, BLOCK_K)
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k_ok = (k0 + rk) < K
-            w_ok = n_ok[:, None] & k_ok[None, :]
-            ws = tl.load(w_ptr + rn[:, None] * K + (k0 + rk)[None, :], mask=w_ok, other=0.0).to(tl.float32)
-            if GATED:
-                wu = tl.load(w_ptr + (rn + N)[:, None] * K + (k0 + rk)[None, :], mask=w_ok,
-                             other=0.0).to(tl.float32)
-            if NORM:
-                g = tl.load(norm_ptr + k0 + rk, mask=k_ok, other=0.0).to(tl.float32)
-            for m in range(M):
-                xs = tl.load(x_ptr + m * K + k0 + rk, mask=k_ok, other=0.0)
-                if NORM:
-                    xs = _normed(xs, tl.sum(tl.where(rm == m, rstd, 0.0)), g, dtype)
-                xs = xs.to(tl.float32)[None, :]
-                row = (rm == m)[:, None]
-                acc = tl.where(row, acc + tl.sum(ws * xs, axis=1)[None, :], acc)
-                if GATED:
-                    acc_up = tl.where(row, acc_up + tl.sum(wu * xs, axis=1)[None, :], acc_up)
+        # The first tile apart (no tile carried through the loop: that cost registers).
+        acc, acc_up = _rows_times_tile(acc, acc_up, ws, wu, x_ptr, norm_ptr, rstd, rm, M, K, 0, rk,
+                                       NORM, GATED, dtype)
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            ws, wu = _weight_tile(w_ptr, rn, n_ok, N, K, k0, rk, GATED)
+            acc, acc_up = _rows_times_tile(acc, acc_up, ws, wu, x_ptr, norm_ptr, rstd, rm, M, K, k0, rk,
+                                           NORM, GATED, dtype)
         _epilogue(acc, acc_up, rm, rn, M, N, y_ptr, bias_ptr, res_ptr, BIAS, RESIDUAL, GATED, dtype)
 
     @triton.jit
@@ -432,7 +487,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if takes_row_kernel(m, n, k, gated):
         pdl = _pdl(x.device)
         _gemv_rows_kernel[(triton.cdiv(n, block_n),)](*args, m, n, k, eps, BLOCK_M=row_block_m(m), PDL=pdl,
-                                                      launch_pdl=pdl, **flags)
+                                                      WEIGHTS_FIRST=weights_first(n, k, gated), launch_pdl=pdl,
+                                                      **flags)
         return y
     block_m, tiles, split = tensor_core_launch(m, n, k, config, x.device)
     if split > 1:

@@ -103,6 +103,41 @@ def test_a_few_rows_of_a_small_matrix_take_the_row_kernel(monkeypatch):
     assert [launch(rows) for rows in (1, 2)] == ["_gemv_rows_kernel", "_gemv_dot_kernel"]
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+def test_row_kernel_reads_its_first_tile_before_the_wait_up_to_the_bound(monkeypatch, rows):
+    """The row kernel reads its first weight tile before its wait for a matrix of at most
+    WEIGHTS_FIRST_MAX weights (gate and up counted together), after it for a larger one. Both
+    give the product, bit for bit alike, over one K tile and over several (the first apart
+    from the K loop, the last masked)."""
+    dtype = DTYPES[-1]
+    firsts: list[bool] = []
+    kernel = K._gemv_rows_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                firsts.append(kwargs["WEIGHTS_FIRST"])
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(K, "_gemv_rows_kernel", Recorder())
+    n, k = 45, 100
+    x = _rand(rows, k, dtype=dtype, seed=40)
+    w = _rand(2 * n, k, dtype=dtype, seed=41, scale=k**-0.5)
+    b = _rand(2 * n, dtype=dtype, seed=42)
+    ln = _rand(k, dtype=dtype, seed=43)
+    expected = fused.mlp_in(fused._rms_norm(x, ln, 1e-6), w, b)
+    got = {}
+    for bound in (2 * n * k, 2 * n * k - 1):  # at the bound: first; one weight over: after the wait
+        monkeypatch.setattr(K, "WEIGHTS_FIRST_MAX", bound)
+        for block_k in (128, 32):  # one tile; four, the last holding 4 of K's 100
+            got[bound, block_k] = K.gemv(x, w, b, norm=ln, eps=1e-6, gated=True, config=(4, block_k, 4, 1))
+            _close(got[bound, block_k], expected, dtype)
+    assert firsts == [True, True, False, False]
+    for block_k in (128, 32):
+        assert torch.equal(got[2 * n * k, block_k], got[2 * n * k - 1, block_k])
+
+
 def test_gemv_takes_the_split_its_config_names():
     """A fifth number in ``config`` sets the tensor-core kernel's K split (what
     benchmarks/gemv_configs.py sweeps) in place of ``_split_k``'s; every split gives the product."""
