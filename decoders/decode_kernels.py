@@ -88,15 +88,15 @@ def available(device: torch.device) -> bool:
 # interpreter never uses it.
 PDL = True
 # The row kernel reads its first weight tile before it waits (PDL): no kernel of a step
-# writes a weight, so that read's DRAM latency overlaps the tail of the kernel before,
-# where DRAM idles; only for a matrix of at most WEIGHTS_FIRST_MAX weights (0: never).
-# One tile in registers at a time (a first form that also read the next tile during each
-# K block held two, spilled, and cost time: the 1.5B's step 1.71 ms, the 7B's 6.0 against
-# 4.4, H200). H100, benchmarks/step_profile.py, ms per one-token replay, waiting first ->
-# this: Qwen2.5-1.5B 1.52-1.54 -> 1.44-1.45, 0.5B 0.73-0.74 -> 0.66-0.67, SmolLM2-135M
-# 0.49-0.50 -> 0.45, Llama-2-7B 5.06-5.07 -> 5.02-5.03. Larger matrices lose with it (every
-# matrix first: the 1.5B 1.64-1.65, whose gate/up has 27.5M weights; the 7B 5.55-5.63);
-# why is not yet measured.
+# writes a weight, so that read's latency can overlap the tail of the kernel before; only
+# for a matrix of at most WEIGHTS_FIRST_MAX weights (0: never). One tile in registers at a
+# time (a first form that also read the next tile during each K block held two, spilled,
+# and cost time: the 1.5B's step 1.71 ms, the 7B's 6.0 against 4.4, H200). H100,
+# benchmarks/step_profile.py, ms per one-token replay, this kernel waiting first -> reading
+# first: Qwen2.5-1.5B 1.52-1.54 -> 1.44-1.45, 0.5B 0.71-0.74 -> 0.66-0.67, SmolLM2-135M
+# 0.49-0.50 -> 0.44-0.45, Llama-2-7B 5.05-5.07 -> 5.02-5.03. Larger matrices lose with it
+# (every matrix first: the 1.5B 1.64-1.65, whose gate/up has 27.5M weights; the 7B
+# 5.55-5.62); why is not yet measured.
 WEIGHTS_FIRST_MAX = 2**24
 
 

@@ -104,11 +104,12 @@ def test_a_few_rows_of_a_small_matrix_take_the_row_kernel(monkeypatch):
 
 
 @pytest.mark.parametrize("rows", [1, 3])
-def test_row_kernel_reads_its_first_tile_before_the_wait_up_to_the_bound(monkeypatch, rows):
-    """The row kernel reads its first weight tile before its wait for a matrix of at most
-    WEIGHTS_FIRST_MAX weights (gate and up counted together), after it for a larger one. Both
-    give the product, bit for bit alike, over one K tile and over several (the first apart
-    from the K loop, the last masked)."""
+def test_row_kernel_first_tile_early_up_to_the_bound(monkeypatch, rows):
+    """The row kernel is launched to read its first weight tile before its wait for a matrix
+    of at most WEIGHTS_FIRST_MAX weights (gate and up counted together), after it for a larger
+    one. Both forms give the product, bit for bit alike, over one K tile and over several (the
+    first apart from the K loop, the last masked). The interpreter has no wait: the GPU tests
+    run the early read under overlapped launches."""
     dtype = DTYPES[-1]
     firsts: list[bool] = []
     kernel = K._gemv_rows_kernel
