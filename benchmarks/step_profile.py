@@ -97,15 +97,24 @@ def sdpa_attention(x, cos, sin, mask, keys, values, positions, ln1, qkv_w, qkv_b
     return x, fused._rms_norm(x, ln2, eps)
 
 
-def set_prefetch(share: float) -> None:
-    fused.PREFETCH_L2_SHARE = share
+# The decode kernels' module settings as the decoders run them, read before any variant
+# changes them.
+DEFAULT_SETTINGS = dict(prefetch=fused.PREFETCH_L2_SHARE, weights_first=decode_kernels.WEIGHTS_FIRST_MAX,
+                        pdl=decode_kernels.PDL, rows=decode_kernels.ROW_KERNEL_ROWS,
+                        small_rows=decode_kernels.SMALL_MATRIX_ROWS)
 
 
-def set_row_kernel(rows: int, small_rows: int) -> None:
-    """Products of up to ``rows`` rows, and of small matrices up to ``small_rows``, on the
-    CUDA-core row kernel."""
-    decode_kernels.ROW_KERNEL_ROWS = rows
-    decode_kernels.SMALL_MATRIX_ROWS = small_rows
+def set_kernel_settings(variant: str, tokens: int) -> None:
+    """Set the decode kernels' module settings ``variant`` names, every other one as the
+    decoders run them (all of them for ``default``); ``tokens``: the step's rows, which
+    ``row-kernel`` puts on the CUDA-core row kernel."""
+    d = DEFAULT_SETTINGS
+    fused.PREFETCH_L2_SHARE = PREFETCH_VARIANTS.get(variant, d["prefetch"])
+    decode_kernels.WEIGHTS_FIRST_MAX = WEIGHTS_FIRST_VARIANTS.get(variant, d["weights_first"])
+    decode_kernels.PDL = d["pdl"] and variant != "no-pdl"
+    decode_kernels.ROW_KERNEL_ROWS = max(tokens, d["rows"]) if variant == "row-kernel" else d["rows"]
+    # tensor-core: no small matrix of 2+ rows kept on the row kernel
+    decode_kernels.SMALL_MATRIX_ROWS = d["rows"] if variant == "tensor-core" else d["small_rows"]
 
 
 def set_variant(name: str) -> None:
@@ -242,11 +251,6 @@ def main() -> None:
         result["idle_power_w"] = meter.idle_power_w()
         print(f"idle power {result['idle_power_w']:.0f} W", flush=True)
     table_variants = set(args.table_variants.split(","))
-    default_prefetch = fused.PREFETCH_L2_SHARE
-    default_weights_first = decode_kernels.WEIGHTS_FIRST_MAX
-    default_rows = decode_kernels.ROW_KERNEL_ROWS, decode_kernels.SMALL_MATRIX_ROWS
-    variant_rows = {"row-kernel": (max(args.tokens, default_rows[0]), default_rows[1]),
-                    "tensor-core": (default_rows[0], default_rows[0])}
     with torch.inference_mode():
         for name in args.models.split(","):
             model = build(name)
@@ -257,12 +261,9 @@ def main() -> None:
                 t0 = time.perf_counter()
                 try:
                     set_variant(variant)
-                    set_prefetch(PREFETCH_VARIANTS.get(variant, default_prefetch))
-                    set_row_kernel(*variant_rows.get(variant, default_rows))
+                    set_kernel_settings(variant, args.tokens)
                     cache = static.StaticCachedModel(model, 1, CACHE, graphs=True, compile=variant != "stack")
                     cache.engine.kernels = cache.engine.kernels and variant in KERNEL_VARIANTS
-                    decode_kernels.PDL = variant != "no-pdl"
-                    decode_kernels.WEIGHTS_FIRST_MAX = WEIGHTS_FIRST_VARIANTS.get(variant, default_weights_first)
                     if variant == "stack":
                         cache.engine = _Stacked(cache.engine)
                         cache.compiled = True
@@ -292,17 +293,13 @@ def main() -> None:
                 finally:
                     static.release_all()
                     fused._compiled_layer = None
-                    decode_kernels.PDL = True
-                    decode_kernels.WEIGHTS_FIRST_MAX = default_weights_first
-                    set_prefetch(default_prefetch)
-                    set_row_kernel(*default_rows)
+                    set_kernel_settings("default", args.tokens)
                 if args.out:
                     args.out.parent.mkdir(parents=True, exist_ok=True)
                     args.out.write_text(json.dumps(result, indent=1))
             if args.loop:
                 for variant in args.loop_variants.split(","):
-                    set_prefetch(PREFETCH_VARIANTS.get(variant, default_prefetch))
-                    decode_kernels.WEIGHTS_FIRST_MAX = WEIGHTS_FIRST_VARIANTS.get(variant, default_weights_first)
+                    set_kernel_settings(variant, args.tokens)
                     suffix = "" if variant == "default" else f"_{variant}"
                     for setting, filters in (("greedy", {"temperature": 0.0}),
                                              ("t1", {"temperature": 1.0, "top_k": 10, "top_p": 0.9})):
@@ -315,8 +312,7 @@ def main() -> None:
                         print(f"{name:14s} sampling loop, {variant}, {setting}: {ms:.3f} ms/token{energy}",
                               flush=True)
                     static.release_all()
-                set_prefetch(default_prefetch)
-                decode_kernels.WEIGHTS_FIRST_MAX = default_weights_first
+                set_kernel_settings("default", args.tokens)
                 if args.out:
                     args.out.write_text(json.dumps(result, indent=1))
             del model

@@ -67,14 +67,19 @@ def test_gemv_rows_are_independent_and_deterministic():
 
 
 class _Launches:
-    """Stands in for a Triton kernel: records each launch's name, then launches it."""
+    """Stands in for a Triton kernel: records each launch's name in ``seen`` and its keyword
+    arguments (the compile-time constants) in ``keywords``, then launches it."""
 
     def __init__(self, kernel, name: str, seen: list[str]) -> None:
         self.kernel, self.name, self.seen = kernel, name, seen
+        self.keywords: list[dict] = []
 
     def __getitem__(self, grid):
-        self.seen.append(self.name)
-        return self.kernel[grid]
+        def launch(*args, **kwargs):
+            self.seen.append(self.name)
+            self.keywords.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
 
 
 def test_a_few_rows_of_a_small_matrix_take_the_row_kernel(monkeypatch):
@@ -111,17 +116,8 @@ def test_row_kernel_first_tile_early_up_to_the_bound(monkeypatch, rows):
     first apart from the K loop, the last masked). The interpreter has no wait: the GPU tests
     run the early read under overlapped launches."""
     dtype = DTYPES[-1]
-    firsts: list[bool] = []
-    kernel = K._gemv_rows_kernel
-
-    class Recorder:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                firsts.append(kwargs["WEIGHTS_FIRST"])
-                return kernel[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(K, "_gemv_rows_kernel", Recorder())
+    launches = _Launches(K._gemv_rows_kernel, "_gemv_rows_kernel", [])
+    monkeypatch.setattr(K, "_gemv_rows_kernel", launches)
     n, k = 45, 100
     x = _rand(rows, k, dtype=dtype, seed=40)
     w = _rand(2 * n, k, dtype=dtype, seed=41, scale=k**-0.5)
@@ -134,7 +130,7 @@ def test_row_kernel_first_tile_early_up_to_the_bound(monkeypatch, rows):
         for block_k in (128, 32):  # one tile; four, the last holding 4 of K's 100
             got[bound, block_k] = K.gemv(x, w, b, norm=ln, eps=1e-6, gated=True, config=(4, block_k, 4, 1))
             _close(got[bound, block_k], expected, dtype)
-    assert firsts == [True, True, False, False]
+    assert [kw["WEIGHTS_FIRST"] for kw in launches.keywords] == [True, True, False, False]
     for block_k in (128, 32):
         assert torch.equal(got[2 * n * k, block_k], got[2 * n * k - 1, block_k])
 
