@@ -27,6 +27,10 @@ one process (the default first):
 - ``tensor-core``: every product of a step of 2+ rows on the tensor-core kernel (the
   rule before ``decode_kernels.takes_row_kernel`` kept small matrices of up to
   ``SMALL_MATRIX_ROWS`` rows on the row kernel).
+- ``small-matrix-rows``: every matrix of at most ``decode_kernels.SMALL_MATRIX`` weights
+  on the row kernel at the step's rows (``SMALL_MATRIX_ROWS`` raised to ``--tokens``), the
+  larger ones on the tensor-core kernel.
+- ``attention-warps-8``: the attention's chunk kernel in 8 warps (``decode_kernels.ATTENTION_WARPS``).
 - ``compiled-layer``: the layer under ``torch.compile`` in three regions with
   coordinate-descent tuning (``fused.compiled_layer``, the form before the kernels).
 - ``one-region``: the whole layer as one compiled function (the form before
@@ -75,9 +79,10 @@ PREFETCH_VARIANTS = {"no-prefetch": 0.0, "prefetch-15": 0.15, "prefetch-25": 0.2
 # weights (decode_kernels.WEIGHTS_FIRST_MAX; 0: never, the kernel waits first).
 WEIGHTS_FIRST_VARIANTS = {"weights-after-wait": 0, "weights-first-2e22": 2**22, "weights-first-2e23": 2**23,
                           "weights-first-2e24": 2**24, "weights-first-all": 2**62}
-KERNEL_VARIANTS = ("default", "no-pdl", "row-kernel", "tensor-core", *PREFETCH_VARIANTS, *WEIGHTS_FIRST_VARIANTS)
+KERNEL_VARIANTS = ("default", "no-pdl", "row-kernel", "tensor-core", "small-matrix-rows", "attention-warps-8",
+                   *PREFETCH_VARIANTS, *WEIGHTS_FIRST_VARIANTS)
 # Variants the sampling loop can run under (--loop-variants).
-LOOP_VARIANTS = ("default", *PREFETCH_VARIANTS, *WEIGHTS_FIRST_VARIANTS)
+LOOP_VARIANTS = ("default", "attention-warps-8", *PREFETCH_VARIANTS, *WEIGHTS_FIRST_VARIANTS)
 
 
 def sdpa_attention(x, cos, sin, mask, keys, values, positions, ln1, qkv_w, qkv_b, o_w, o_b, ln2, *,
@@ -101,7 +106,7 @@ def sdpa_attention(x, cos, sin, mask, keys, values, positions, ln1, qkv_w, qkv_b
 # changes them.
 DEFAULT_SETTINGS = dict(prefetch=fused.PREFETCH_L2_SHARE, weights_first=decode_kernels.WEIGHTS_FIRST_MAX,
                         pdl=decode_kernels.PDL, rows=decode_kernels.ROW_KERNEL_ROWS,
-                        small_rows=decode_kernels.SMALL_MATRIX_ROWS)
+                        small_rows=decode_kernels.SMALL_MATRIX_ROWS, attention_warps=decode_kernels.ATTENTION_WARPS)
 
 
 def set_kernel_settings(variant: str, tokens: int) -> None:
@@ -113,8 +118,10 @@ def set_kernel_settings(variant: str, tokens: int) -> None:
     decode_kernels.WEIGHTS_FIRST_MAX = WEIGHTS_FIRST_VARIANTS.get(variant, d["weights_first"])
     decode_kernels.PDL = d["pdl"] and variant != "no-pdl"
     decode_kernels.ROW_KERNEL_ROWS = max(tokens, d["rows"]) if variant == "row-kernel" else d["rows"]
-    # tensor-core: no small matrix of 2+ rows kept on the row kernel
-    decode_kernels.SMALL_MATRIX_ROWS = d["rows"] if variant == "tensor-core" else d["small_rows"]
+    # tensor-core: no small matrix of 2+ rows kept on the row kernel; small-matrix-rows: all of them
+    small_rows = {"tensor-core": d["rows"], "small-matrix-rows": max(tokens, d["small_rows"])}
+    decode_kernels.SMALL_MATRIX_ROWS = small_rows.get(variant, d["small_rows"])
+    decode_kernels.ATTENTION_WARPS = 8 if variant == "attention-warps-8" else d["attention_warps"]
 
 
 def set_variant(name: str) -> None:

@@ -170,6 +170,8 @@ ROW_KERNEL_ROWS = 1
 # --tokens 2 --variants default,tensor-core): the 0.5B's 0.87-0.89 ms against 0.98, the
 # 1.5B's 1.75-1.76 against 1.87; SmolLM2's 0.69-0.71 against 0.87 with every product on
 # the row kernel (--variants default,row-kernel, before this rule).
+# At 5 rows the row kernel lost (step_profile --tokens 5 --variants small-matrix-rows, H100: the
+# 1.5B's step 1.908-1.974 against 1.896-1.951 ms, SmolLM2's 0.92-0.97 against 0.85-0.88).
 SMALL_MATRIX_ROWS = 3
 SMALL_MATRIX = 2**22
 
@@ -671,6 +673,13 @@ def prefetcher(table: torch.Tensor, starts: torch.Tensor, flag: torch.Tensor) ->
                                                  SPIN_LIMIT=1 << 20, num_warps=4)
 
 
+# Warps of the attention's chunk kernel. Eight spill less (472 bytes a thread on the 1.5B's
+# 128-wide heads against 2,216; none on the 0.5B's against 464: benchmarks/kernel_resources.py)
+# but measured within the spread of four (H100, step_profile's attention-warps-8: the 1.5B's
+# one-token step 1.478-1.484 against 1.487-1.505 ms, SmolLM2's 0.453-0.457 against 0.442-0.453).
+ATTENTION_WARPS = 4
+
+
 def attention_launch(n: int, heads: int, kv_heads: int, head_dim: int, max_length: int,
                      pdl: bool, signal: bool = False) -> tuple[dict, dict]:
     """The compile-time constants and warps of ``attention``'s two kernels for ``n`` new
@@ -679,7 +688,7 @@ def attention_launch(n: int, heads: int, kv_heads: int, head_dim: int, max_lengt
     block_q = max(16, triton.next_power_of_2(heads // kv_heads * n))
     shared = dict(HEADS=heads, KV_HEADS=kv_heads, D=head_dim, BLOCK_Q=block_q, CHUNK=CHUNK, PDL=pdl)
     block_c = min(32, triton.next_power_of_2(triton.cdiv(max_length, CHUNK)))
-    return dict(shared, SIGNAL=signal, num_warps=4), dict(shared, BLOCK_C=block_c, num_warps=2)
+    return dict(shared, SIGNAL=signal, num_warps=ATTENTION_WARPS), dict(shared, BLOCK_C=block_c, num_warps=2)
 
 
 def attention(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cos: torch.Tensor,
