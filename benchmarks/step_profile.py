@@ -29,7 +29,7 @@ one process (the default first):
   ``SMALL_MATRIX_ROWS`` rows on the row kernel).
 - ``small-matrix-rows``: every matrix of at most ``decode_kernels.SMALL_MATRIX`` weights
   on the row kernel at the step's rows (``SMALL_MATRIX_ROWS`` raised to ``--tokens``), the
-  larger ones on the tensor-core kernel.
+  larger ones on the tensor-core kernel; at 3 tokens or fewer the same as ``default``.
 - ``attention-warps-8``: the attention's chunk kernel in 8 warps (``decode_kernels.ATTENTION_WARPS``).
 - ``compiled-layer``: the layer under ``torch.compile`` in three regions with
   coordinate-descent tuning (``fused.compiled_layer``, the form before the kernels).
