@@ -45,8 +45,8 @@ one process (the default first):
 (greedy and T=1 with top-k 10, top-p 0.9; a 256-token prompt): ms per token,
 beside the step's replay, so what the decoder adds to its forward (the sampling
 draw, buffer copies, the host) is measured in the same process; ``--loop-variants``
-times it under each variant named (``default``, ``weights-after-wait`` and the prefetch
-ones), and ``--energy`` adds its joules per token (Zeus, one window over about three
+times it under each variant named (any of ``LOOP_VARIANTS``: ``default``, ``attention-warps-8``,
+the weights-first and the prefetch ones), and ``--energy`` adds its joules per token (Zeus, one window over about three
 seconds of generations per variant and setting).
 """
 
@@ -112,7 +112,7 @@ DEFAULT_SETTINGS = dict(prefetch=fused.PREFETCH_L2_SHARE, weights_first=decode_k
 def set_kernel_settings(variant: str, tokens: int) -> None:
     """Set the decode kernels' module settings ``variant`` names, every other one as the
     decoders run them (all of them for ``default``); ``tokens``: the step's rows, which
-    ``row-kernel`` puts on the CUDA-core row kernel."""
+    ``row-kernel`` puts on the CUDA-core row kernel (``small-matrix-rows``: its small matrices)."""
     d = DEFAULT_SETTINGS
     fused.PREFETCH_L2_SHARE = PREFETCH_VARIANTS.get(variant, d["prefetch"])
     decode_kernels.WEIGHTS_FIRST_MAX = WEIGHTS_FIRST_VARIANTS.get(variant, d["weights_first"])
