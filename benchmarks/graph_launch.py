@@ -26,8 +26,17 @@ bound by the device.
 step of random-weight models of the pairs' shapes through ``StaticCachedModel`` (its
 kernels launched with programmatic dependent launch, and without: ``pdl`` off).
 
+``--relaunch`` asks what a graph launched again while its last launch still runs
+costs: the same step's graph queued ``--replays`` times back to back, as one
+executable graph relaunched (what the loops do: a sampling step, a draft model's
+steps) and as two instances of the same capture taken in turn, alternated in one
+process. Per replay: the host's time in the launches, and the device's span
+between events around them (each replay's device time plus any idle between
+replays: where a relaunch waits for the launch before it, the host cannot queue
+ahead and the span holds the wait).
+
     python benchmarks/graph_launch.py [--kernels 1,16,64,256,1024,4096]
-        [--models smollm2-135m,qwen2.5-0.5b,qwen2.5-1.5b] [--out FILE]
+        [--models smollm2-135m,qwen2.5-0.5b,qwen2.5-1.5b] [--relaunch] [--replays 50] [--out FILE]
 """
 
 from __future__ import annotations
@@ -119,19 +128,82 @@ def decode_step(name: str, pdl: bool, rounds: int) -> dict:
         decode_kernels.PDL = default
 
 
+def relaunch_rows(label: str, capture_one, replays: int, rounds: int) -> list[dict]:
+    """``capture_one()`` -> (graph, the tensor it writes), twice; the same step queued ``replays``
+    times as one executable graph, and as the two taken in turn, alternated ``rounds`` times."""
+    instances = [capture_one(), capture_one()]
+    rows = []
+    for round_ in range(rounds):
+        for name, cycle in (("one graph relaunched", instances[:1]), ("two instances in turn", instances)):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            called = time.perf_counter()
+            for i in range(replays):
+                graph, out = cycle[i % len(cycle)]
+                graph.replay()
+                out.clone()  # as the decoders keep each output
+            queued = time.perf_counter()
+            end.record()
+            end.synchronize()
+            rows.append({"graph": label, "launch": name, "round": round_,
+                         "host_us_per_launch": (queued - called) / replays * 1e6,
+                         "span_us_per_replay": start.elapsed_time(end) / replays * 1e3})
+    return rows
+
+
+def relaunch(kernels: list[int], models: list[str], replays: int, rounds: int) -> list[dict]:
+    rows = []
+    for k in kernels:
+        x = torch.zeros(256, device="cuda")
+        rows += relaunch_rows(f"{k} x add_", lambda k=k, x=x: (capture(k, x), x), replays, rounds)
+    for name in models:
+        cache = static.StaticCachedModel(build(name), 1, 1024, graphs=True, compile=None)
+        cache(torch.randint(0, 1000, (1, FILLED), device="cuda"), keep=1)  # the prompt: eager
+        tokens = torch.randint(0, 1000, (1, 1), device="cuda")
+        cache(tokens, keep=1)  # compiles the step's kernels (and captures the cache's own graph)
+
+        def capture_step(cache=cache, tokens=tokens):
+            cache.crop(FILLED)
+            cache._start.fill_(FILLED)
+            graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            forward = cache._compiled_forward or cache._forward  # the decoders' path: decode kernels
+            with torch.cuda.graph(graph, pool=cache._pool, stream=stream):
+                out = forward((tokens,), 1)
+            torch.cuda.current_stream().wait_stream(stream)
+            torch.cuda.synchronize()
+            return graph, out
+
+        rows += relaunch_rows(f"{name} 1-token step", capture_step, replays, rounds)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kernels", default="1,16,64,256,1024,4096")
     ap.add_argument("--models", default="", help="model shapes (benchmarks/step_cost.py) whose decode step to time")
     ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--relaunch", action="store_true",
+                    help="only the relaunch measurement: one graph relaunched against two instances in turn")
+    ap.add_argument("--replays", type=int, default=50, help="replays queued back to back (--relaunch)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("graph_launch.py needs a CUDA device")
-    rows = [chain_of_kernels(int(k), args.rounds) for k in args.kernels.split(",") if k]
+    kernels = [int(k) for k in args.kernels.split(",") if k]
+    models = [name for name in args.models.split(",") if name]
+    if args.relaunch:
+        with torch.inference_mode():
+            rows = relaunch(kernels, models, args.replays, rounds=3)
+        print_table(["graph", "launch", "round", "host us per launch", "device span us per replay"],
+                    [[r["graph"], r["launch"], r["round"], f"{r['host_us_per_launch']:.1f}",
+                      f"{r['span_us_per_replay']:.1f}"] for r in rows])
+        write_result(args.out, rows, "cuda")
+        return
+    rows = [chain_of_kernels(k, args.rounds) for k in kernels]
     with torch.inference_mode():
-        rows += [decode_step(name, pdl, args.rounds) for name in args.models.split(",") if name
-                 for pdl in (True, False)]
+        rows += [decode_step(name, pdl, args.rounds) for name in models for pdl in (True, False)]
     print_table(["graph", "device us / replay", "host us in the call", "from idle, us over device time",
                  "host read us"],
                 [[r["graph"], f"{r['device_us']:.1f}", f"{r['host_call_us']:.1f}", f"{r['from_idle_us']:.1f}",

@@ -3,6 +3,8 @@
     python benchmarks/loop_profile.py [--pairs qwen,smollm2] [--methods sampling,specdecode,mtad,prompt_lookup,eagle]
         [--settings greedy,t1] [--new-tokens 128] [--prompts 4] [--real] [--host-ops] [--out PATH]
 
+(settings run in the order given, repeats allowed: ``--settings t1,greedy,t1,greedy``)
+
 Why: in the H200 pace runs every forward inside the decoders' loops took 1.3-1.6x
 what the same step's graph replay took in ``step_profile.py`` (sampling on the
 Qwen 1.5B: 1.73-1.94 ms of device time per verify against a 1.33 ms replay;
@@ -425,9 +427,10 @@ def main() -> None:
 
     for name in args.pairs.split(","):
         target, draft, head, prompts = load_pair(name, args.real, methods, args.prompts)
-        for setting, filt in SETTINGS.items():
-            if setting not in args.settings.split(","):
-                continue
+        # In the order given, repeats included (--settings t1,greedy,t1,greedy: an order effect
+        # shows as the same setting measuring differently in its two places).
+        for setting in args.settings.split(","):
+            filt = SETTINGS[setting]
             for method in methods:
                 if method == "mtad" and setting == "greedy":
                     continue  # the joint test needs a distribution
