@@ -185,7 +185,8 @@ def main() -> None:
     ap.add_argument("--models", default="", help="model shapes (benchmarks/step_cost.py) whose decode step to time")
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--relaunch", action="store_true",
-                    help="only the relaunch measurement: one graph relaunched against two instances in turn")
+                    help="only the relaunch measurement: one graph relaunched against two instances in turn, "
+                         "alternated in 3 rounds (--rounds is the other measurements')")
     ap.add_argument("--replays", type=int, default=50, help="replays queued back to back (--relaunch)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
