@@ -56,18 +56,29 @@ from step_cost import FILLED, build  # noqa: E402
 from decoders import decode_kernels, static  # noqa: E402
 
 
-def capture(kernels: int, x: torch.Tensor) -> torch.cuda.CUDAGraph:
+def captured(record, warm_up=None, pool=None) -> tuple[torch.cuda.CUDAGraph, object]:
+    """A graph of what ``record()`` launches, captured on a side stream (``warm_up()`` run
+    there first, outside the capture, as PyTorch asks), and what ``record`` returned."""
     graph = torch.cuda.CUDAGraph()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        x.add_(1)  # warm-up outside the capture, as PyTorch asks
-        with torch.cuda.graph(graph, stream=stream):
-            for _ in range(kernels):
-                x.add_(1)
+        if warm_up is not None:
+            warm_up()
+        with torch.cuda.graph(graph, pool=pool, stream=stream):
+            out = record()
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
-    return graph
+    return graph, out
+
+
+def capture(kernels: int, x: torch.Tensor) -> torch.cuda.CUDAGraph:
+    """A chain of ``kernels`` in-place adds on ``x``."""
+    def chain():
+        for _ in range(kernels):
+            x.add_(1)
+
+    return captured(chain, warm_up=lambda: x.add_(1))[0]
 
 
 def measure(replay, rounds: int, repeats: int = 20) -> dict:
@@ -166,14 +177,8 @@ def relaunch(kernels: list[int], models: list[str], replays: int, rounds: int) -
         def capture_step(cache=cache, tokens=tokens):
             cache.crop(FILLED)
             cache._start.fill_(FILLED)
-            graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
             forward = cache._compiled_forward or cache._forward  # the decoders' path: decode kernels
-            with torch.cuda.graph(graph, pool=cache._pool, stream=stream):
-                out = forward((tokens,), 1)
-            torch.cuda.current_stream().wait_stream(stream)
-            torch.cuda.synchronize()
-            return graph, out
+            return captured(lambda: forward((tokens,), 1), pool=cache._pool)
 
         rows += relaunch_rows(f"{name} 1-token step", capture_step, replays, rounds)
     return rows
