@@ -15,6 +15,9 @@
 #   loop         each decoder's loop against its own CUDA graphs replayed alone, the device's timeline and
 #                the SM clock (loop_profile.py), on random-weight shapes of both pairs: no carried models
 #   loop-real    the same on the real pairs (the carried models)
+#   greedy-order `sampling`'s loop at greedy, T=1 and T=1 top-k 1 (greedy's tokens through the T>0
+#                filter), interleaved: whether greedy's loop runs slower than T=1's because greedy ran
+#                first in every earlier process or because of its in-graph argmax (random shapes)
 #   pace         every decoder at its defaults on the SmolLM2 pair (eagle included), greedy and T=1
 #   pace-eagle   the same for sampling, specdecode and eagle only
 #   pace-qwen    the same on the Qwen pair
@@ -82,6 +85,10 @@ for s in $steps; do
   loop)
     step "each decoder's loop against its graphs alone, random-weight shapes of both pairs"
     $py benchmarks/loop_profile.py --out "$out/loop-profile.json" 2>&1 | grep --line-buffered -v -i warn ;;
+  greedy-order)
+    step "sampling's loop, settings interleaved: greedy against T=1 and T=1 top-k 1"
+    $py benchmarks/loop_profile.py --pairs qwen,smollm2 --methods sampling --settings t1,greedy,t1-k1,greedy,t1,t1-k1 \
+      --prompts 2 --out "$out/loop-profile-greedy-order.json" 2>&1 | grep --line-buffered -v -i warn ;;
   loop-real)
     step "each decoder's loop against its graphs alone, the real pairs"
     $py benchmarks/loop_profile.py --real --out "$out/loop-profile-real.json" 2>&1 | grep --line-buffered -v -i warn ;;

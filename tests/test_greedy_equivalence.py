@@ -44,3 +44,16 @@ def test_sampling_greedy_matches_hf_generate(tiny, prompt):
     ours = generate("sampling", tiny.target, None, prompt, n=32)
     hf = tiny.target.generate(prompt, do_sample=False, max_new_tokens=32, min_new_tokens=32, pad_token_id=0)
     assert torch.equal(ours.tokens, hf[0, prompt.shape[1] :])
+
+
+@pytest.mark.parametrize("name", ["sampling", "specdecode"])
+def test_top_k_1_at_temperature_1_decodes_greedys_tokens(tiny, prompt, name):
+    """Top-k 1 leaves one token whatever the temperature: T=1 draws greedy's tokens through the
+    T>0 filter (benchmarks/loop_profile.py's ``t1-k1`` setting relies on it)."""
+    draft = tiny.draft if name == "specdecode" else None
+    greedy = generate(name, tiny.target, draft, prompt)
+    top1 = generate(name, tiny.target, draft, prompt, temperature=1.0, top_k=1)
+    assert torch.equal(top1.tokens, greedy.tokens)
+    if name == "specdecode":  # the related draft is accepted sometimes, rejected sometimes
+        accepted = sum(s.accepted for s in top1.steps)
+        assert 0 < accepted < sum(s.drafted for s in top1.steps)
