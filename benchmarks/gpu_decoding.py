@@ -428,7 +428,7 @@ def pace_table(pace: dict) -> str:
 
 
 def table(result: dict) -> str:
-    """The README's table."""
+    """The anchor, pair and energy sections' results as one Markdown table (pace has its own)."""
     a, p, e = result.get("anchor"), result.get("pair"), result.get("energy")
     rows = ["| comparison | ours | reference | ratio |", "|---|---|---|---|"]
     if a:

@@ -5,7 +5,7 @@
 #
 #   bash benchmarks/gpu_session.sh OUT_DIR [STEP ...]
 #
-# Steps (all, in this order, when none is named):
+# Steps (when none is named: train-eagle gpu-tests pace pace-qwen lm-eval, in that order):
 #   train-eagle  train the SmolLM2 EAGLE head into harness/assets/smollm2_eagle (skipped when present)
 #   gpu-tests    the GPU tests of the fast path (pytest -m gpu)
 #   kernels      the decode kernels: their tests on the GPU, every launch configuration of every layer
@@ -14,10 +14,14 @@
 #                decoder's loop per token beside the step (step_profile.py)
 #   loop         each decoder's loop against its own CUDA graphs replayed alone, the device's timeline and
 #                the SM clock (loop_profile.py), on random-weight shapes of both pairs: no carried models
-#   loop-real    the same on the real pairs (the carried models)
+#   targets      the pace targets that random shapes measure, on whatever card runs it: a one-token step
+#                of Qwen2.5-1.5B, SmolLM2-135M and Llama-2-7B against its floor with the sampling loop at
+#                greedy and T=1 (step_profile.py --loop), then every decoder's loop against its graphs,
+#                greedy and T=1 interleaved twice (loop_profile.py): no carried models
 #   greedy-order `sampling`'s loop at greedy, T=1 and T=1 top-k 1 (greedy's tokens through the T>0
 #                filter), interleaved: whether greedy's loop runs slower than T=1's because greedy ran
 #                first in every earlier process or because of its in-graph argmax (random shapes)
+#   loop-real    as loop, on the real pairs (the carried models)
 #   pace         every decoder at its defaults on the SmolLM2 pair (eagle included), greedy and T=1
 #   pace-eagle   the same for sampling, specdecode and eagle only
 #   pace-qwen    the same on the Qwen pair
@@ -85,10 +89,17 @@ for s in $steps; do
   loop)
     step "each decoder's loop against its graphs alone, random-weight shapes of both pairs"
     $py benchmarks/loop_profile.py --out "$out/loop-profile.json" 2>&1 | grep --line-buffered -v -i warn ;;
+  targets)
+    step "a one-token step against its floor, and the sampling loop, per model shape"
+    $py benchmarks/step_profile.py --tokens 1 --models qwen2.5-1.5b,smollm2-135m,llama2-7b --variants default \
+      --table-variants none --loop --out "$out/step-profile-targets.json" 2>&1 | grep --line-buffered -v -i warn
+    step "every decoder's loop against its graphs alone, greedy and T=1 interleaved, random shapes"
+    $py benchmarks/loop_profile.py --settings greedy,t1,greedy,t1 --prompts 2 --no-timeline \
+      --out "$out/loop-profile-targets.json" 2>&1 | grep --line-buffered -v -i warn ;;
   greedy-order)
     step "sampling's loop, settings interleaved: greedy against T=1 and T=1 top-k 1"
     $py benchmarks/loop_profile.py --pairs qwen,smollm2 --methods sampling --settings t1,greedy,t1-k1,greedy,t1,t1-k1 \
-      --prompts 2 --out "$out/loop-profile-greedy-order.json" 2>&1 | grep --line-buffered -v -i warn ;;
+      --prompts 2 --no-clock --out "$out/loop-profile-greedy-order.json" 2>&1 | grep --line-buffered -v -i warn ;;
   loop-real)
     step "each decoder's loop against its graphs alone, the real pairs"
     $py benchmarks/loop_profile.py --real --out "$out/loop-profile-real.json" 2>&1 | grep --line-buffered -v -i warn ;;

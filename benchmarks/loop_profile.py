@@ -70,16 +70,6 @@ from step_cost import build  # noqa: E402
 from decoders import get_decoder, static  # noqa: E402
 from decoders.eagle import EagleHead  # noqa: E402
 from decoders.timing import PHASES  # noqa: E402
-
-# Settings for questions about the loop itself, run only when named. Greedy sampling's loop took
-# 1.09-1.17x its graph replayed alone where T=1's took 0.99-1.11x, in processes that always ran
-# greedy first. T=1 with top-k 1 draws greedy's tokens (a one-hot distribution) through the T>0
-# path: the filter kernels inside the graph, where greedy runs an argmax and a scatter there; the
-# host's work is the same in all three (benchmarks/host_ops.py). With the settings interleaved
-# (--settings t1,greedy,t1-k1,greedy,t1,t1-k1), a gap that follows greedy's position in the
-# order is an order effect, one that follows the in-graph path is the argmax and scatter's.
-DIAGNOSTIC_SETTINGS = {"t1-k1": {"temperature": 1.0, "top_k": 1, "top_p": 1.0}}
-LOOP_SETTINGS = {**SETTINGS, **DIAGNOSTIC_SETTINGS}
 from harness.models import load_model, load_models  # noqa: E402
 from harness.sysinfo import environment  # noqa: E402
 
@@ -87,6 +77,17 @@ ROOT = Path(__file__).resolve().parent.parent
 #: Random-weight shapes (benchmarks/step_cost.py) standing for each pair's target and draft.
 SHAPE_PAIRS = {"qwen": ("qwen2.5-1.5b", "qwen2.5-0.5b"), "smollm2": ("smollm2-135m", "smollm2-135m-draft")}
 SHORT = 8  # tokens of the generation subtracted from each long one
+
+# Settings for questions about the loop itself, run only when named. Greedy sampling's loop took
+# 1.09-1.17x its graph replayed alone where T=1's took 0.99-1.11x, in processes that always ran
+# greedy first. T=1 with top-k 1 draws greedy's tokens (but for ties at the top logit, which top-k
+# keeps) through the T>0 path: the filter kernels inside the graph, where greedy runs an argmax and
+# a scatter. Outside the graph the three do the same host work (the draw, the read). With the
+# settings interleaved (--settings t1,greedy,t1-k1,greedy,t1,t1-k1), a gap that stays with the
+# first place in the order, whichever setting holds it, is an order effect; one that stays with
+# greedy wherever it runs, while t1-k1 runs like t1, is greedy's in-graph argmax and scatter.
+DIAGNOSTIC_SETTINGS = {"t1-k1": {"temperature": 1.0, "top_k": 1, "top_p": 1.0}}
+LOOP_SETTINGS = {**SETTINGS, **DIAGNOSTIC_SETTINGS}
 
 
 @dataclass(frozen=True)

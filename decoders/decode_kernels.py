@@ -125,7 +125,7 @@ def _pdl(device: torch.device) -> bool:
 # weight is written by a step, so no result changes. Where launches run one after another
 # (CUDA_LAUNCH_BLOCKING=1, a kernel profiler that serialises them) the prefetcher waits
 # out its whole spin budget (SPIN_LIMIT, about a second) every step.
-# fused.PREFETCH_L2_SHARE says how much a layer prefetches (none by default: the README's
+# fused.PREFETCH_L2_SHARE says how much a layer prefetches (none by default: benchmarks/README.md's
 # measurements say why); False here turns it off whatever the share; the interpreter
 # never uses it.
 L2_PREFETCH = True
