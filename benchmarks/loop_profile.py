@@ -1,7 +1,8 @@
 """What each decoder's loop costs beyond its forwards: the loop against its own graphs replayed alone.
 
     python benchmarks/loop_profile.py [--pairs qwen,smollm2] [--methods sampling,specdecode,mtad,prompt_lookup,eagle]
-        [--settings greedy,t1] [--new-tokens 128] [--prompts 4] [--real] [--host-ops] [--out PATH]
+        [--settings greedy,t1] [--new-tokens 128] [--prompts 4] [--real] [--host-ops] [--timeline-prompts N]
+        [--no-timeline] [--no-clock] [--out PATH]
 
 (settings run in the order given, repeats allowed: ``--settings t1,greedy,t1,greedy``; besides
 ``gpu_decoding``'s greedy and t1, ``t1-k1`` is greedy's distribution through the T>0 path: see
@@ -25,13 +26,15 @@ measures it in one process, per pair, setting and decoder:
    loop replayed it: what the forwards alone cost, and the loop's draft and
    verify time as a multiple of it (``x alone``: 1.0 means the loop adds
    nothing to its forwards);
-3. the device's timeline of one long and one short generation, differenced
-   (``torch.profiler``, CUDA activity only; ``--no-timeline`` skips it): the
-   share of the time the device was busy, its idle time per token, the host's
-   time blocked in the runtime (synchronisations, and the device-to-host copies
-   where each step's read waits), device activities per token and the kernels
-   that took the most time (profiling slows replays: compare its ms per token
-   with the loop's); with ``--host-ops`` also the host's operations, and
+3. the device's timeline of the loop's own generations again (each prompt, long
+   and short, the same seeds, so the same tokens and tokens per call), summed and
+   differenced (``torch.profiler``, CUDA activity only; ``--no-timeline`` skips
+   it): the share of the time the device was busy, its idle time per token, the
+   host's time blocked in the runtime (synchronisations, and the device-to-host
+   copies where each step's read waits), device activities per token and the
+   kernels that took the most time. The profiler slows the host (each graph
+   launch is traced), so its ms per token is printed beside the loop's: the
+   further apart, the more its idle time overstates the loop's; with ``--host-ops`` also the host's operations, and
    what it was doing while the device waited (per operation name, the time
    inside the device's gaps; ``(between ops)`` is Python between them);
 4. the SM clock (NVML, sampled every 20 ms during the loop; its mean and
@@ -266,6 +269,29 @@ def device_timeline(fn, host_ops: bool = False) -> dict:
     return totals
 
 
+def profiled_generation(dec, prompt: torch.Tensor, length: int, seed: int, host_ops: bool) -> dict:
+    """``device_timeline`` of one ``generate`` (seeded ``seed``), with its tokens and target calls."""
+    out = []
+    totals = device_timeline(lambda: out.append(dec.generate(prompt, length, torch.Generator().manual_seed(seed))),
+                             host_ops)
+    return {**totals, "tokens": len(out[0].tokens), "target_calls": out[0].target_forwards}
+
+
+def summed_timelines(runs: list[dict]) -> dict:
+    """``device_timeline`` totals of several generations added up: numbers summed, counters
+    merged; a total that any run lacks (None: nothing known of the host) stays None."""
+    summed = {}
+    for key in runs[0]:
+        values = [run[key] for run in runs]
+        if any(v is None for v in values):
+            summed[key] = None
+        elif isinstance(values[0], collections.Counter):
+            summed[key] = sum(values, collections.Counter())
+        else:
+            summed[key] = sum(values)
+    return summed
+
+
 def timeline_per_token(long: dict, short: dict, tokens: int) -> dict:
     """The difference of two ``device_timeline`` totals (a long and a short generation from
     the same prompt, so the prompt's forward and the first step cancel), per token."""
@@ -299,8 +325,9 @@ def _label(key: tuple) -> str:
 
 
 def profile_decoder(dec, models, prompts, n: int, clock: ClockSampler | None, with_timeline: bool = True,
-                    host_ops: bool = False) -> dict:
-    """One decoder's row: the differenced loop, its graphs alone, the timeline and the clock."""
+                    host_ops: bool = False, timeline_prompts: int | None = None) -> dict:
+    """One decoder's row: the differenced loop, its graphs alone, the timeline (of the loop's first
+    ``timeline_prompts`` prompts; all when None) and the clock."""
     with torch.inference_mode():
         dec.generate(max(prompts, key=lambda p: p.shape[1]), n + SHORT, torch.Generator().manual_seed(0))
         graphs = _graphs(models)
@@ -349,18 +376,25 @@ def profile_decoder(dec, models, prompts, n: int, clock: ClockSampler | None, wi
     }
     if with_timeline:  # last, and apart: the profiler may fail where the loop's figures stand
         try:
-            with torch.inference_mode():
-                # One profiled generation thrown away first: the profiler's first session sets
-                # itself up inside it, which would otherwise land in the long run only.
-                device_timeline(lambda: dec.generate(prompts[0], SHORT, torch.Generator().manual_seed(0)), host_ops)
-                runs = [device_timeline(lambda length=length: dec.generate(prompts[0], length,
-                                                                           torch.Generator().manual_seed(0)),
-                                        host_ops)
-                        for length in (n + SHORT, SHORT)]
-            row.update(timeline_per_token(*runs, n))
+            row.update(loop_timeline(dec, prompts[:timeline_prompts], n, host_ops))
         except Exception as exc:  # noqa: BLE001 - reported in the row, the run goes on
             row["timeline_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
     return row
+
+
+def loop_timeline(dec, prompts: list[torch.Tensor], n: int, host_ops: bool = False) -> dict:
+    """The device's timeline of the loop's own generations, per token: each prompt's ``n + SHORT``
+    and ``SHORT`` tokens with the loop's seeds (so the same tokens and acceptance; what differs
+    from the loop's figures is the profiler's cost), summed and differenced."""
+    with torch.inference_mode():
+        # One profiled generation thrown away first: the profiler's first session sets
+        # itself up inside it, which would otherwise land in the long run only.
+        device_timeline(lambda: dec.generate(prompts[0], SHORT, torch.Generator().manual_seed(0)), host_ops)
+        long, short = (summed_timelines([profiled_generation(dec, prompt, length, i, host_ops)
+                                         for i, prompt in enumerate(prompts)])
+                       for length in (n + SHORT, SHORT))
+    tokens, calls = long["tokens"] - short["tokens"], long["target_calls"] - short["target_calls"]
+    return {**timeline_per_token(long, short, tokens), "profiled_tokens_per_call": tokens / max(calls, 1)}
 
 
 def load_pair(name: str, real: bool, methods: list[str], prompts_per_kind: int):
@@ -387,14 +421,15 @@ def table(rows: list[dict]) -> str:
         return "" if v is None else format(v, fmt)
 
     lines = ["| pair | setting | decoder | ms/token | graphs alone | loop x alone (draft / verify) | "
-             "device busy | idle ms/token | host blocked ms/token | device activities/token | "
+             "profiled ms/token | device busy | idle ms/token | host blocked ms/token | device activities/token | "
              "SM clock MHz (mean / min / max) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['pair']} | {r['setting']} | {r['decoder']} | {f(r['ms_per_token'], '.3f')} | "
             f"{f(r['graphs_alone_ms_per_token'], '.3f')} | {f(r['loop_x_alone'])} ({f(r['draft_x_alone'])} / "
-            f"{f(r['verify_x_alone'])}) | {f(r.get('busy_share'), '.0%')} | {f(r.get('idle_ms_per_token'), '.3f')} | "
+            f"{f(r['verify_x_alone'])}) | {f(r.get('profiled_ms_per_token'), '.3f')} | "
+            f"{f(r.get('busy_share'), '.0%')} | {f(r.get('idle_ms_per_token'), '.3f')} | "
             f"{f(r.get('host_blocked_ms_per_token'), '.3f')} | {f(r.get('activities_per_token'), '.0f')} | "
             f"{f(r.get('sm_clock_mean_mhz'), '.0f')} / {f(r.get('sm_clock_min_mhz'), '.0f')} / "
             f"{f(r.get('sm_clock_max_mhz'), '.0f')} |")
@@ -411,6 +446,8 @@ def main() -> None:
     ap.add_argument("--real", action="store_true", help="the real pairs and HumanEval prompts (not random shapes)")
     ap.add_argument("--no-clock", action="store_true", help="no NVML clock sampling")
     ap.add_argument("--no-timeline", action="store_true", help="no torch.profiler timeline")
+    ap.add_argument("--timeline-prompts", type=int, default=None,
+                    help="profile the loop's first N prompts only (default: all; each is two profiled generations)")
     ap.add_argument("--host-ops", action="store_true",
                     help="record the host's operations in the timeline too, and say what it did in the device's gaps")
     ap.add_argument("--out", type=Path, default=None)
@@ -454,7 +491,8 @@ def main() -> None:
                 dec = get_decoder(method, target=target, draft=drafter, **params, **filt)
                 row = {"pair": name, "setting": setting, "decoder": method,
                        **profile_decoder(dec, [target, drafter], prompts, args.new_tokens, clock,
-                                         with_timeline=not args.no_timeline, host_ops=args.host_ops)}
+                                         with_timeline=not args.no_timeline, host_ops=args.host_ops,
+                                         timeline_prompts=args.timeline_prompts)}
                 result["rows"].append(row)
                 save()
                 print(table([row]).splitlines()[-1], flush=True)

@@ -80,3 +80,58 @@ def test_the_host_time_in_gaps_is_differenced_with_its_sign():
     assert row["gaps_over_20us_us_per_token"] == 4.0
     assert row["host_in_gaps_us_per_token"] == {"launch": 4.5, "(between ops)": -0.5}
     assert sum(row["host_in_gaps_us_per_token"].values()) == row["gaps_over_20us_us_per_token"]
+
+
+def test_timelines_of_several_generations_add_up():
+    counter = loop_profile.collections.Counter
+    a = {"span_us": 100.0, "busy_us": 80.0, "gaps_over_20us": 1, "host_blocked_us": 5.0,
+         "per_name_us": counter({"gemv": 50.0, "attention": 30.0}), "tokens": 16, "target_calls": 8}
+    b = {"span_us": 50.0, "busy_us": 50.0, "gaps_over_20us": 0, "host_blocked_us": None,
+         "per_name_us": counter({"gemv": 20.0, "argmax": 1.0}), "tokens": 16, "target_calls": 4}
+    total = loop_profile.summed_timelines([a, b])
+    assert (total["span_us"], total["busy_us"], total["gaps_over_20us"]) == (150.0, 130.0, 1)
+    assert total["per_name_us"] == counter({"gemv": 70.0, "attention": 30.0, "argmax": 1.0})
+    assert (total["tokens"], total["target_calls"]) == (32, 12)
+    assert total["host_blocked_us"] is None  # unknown in one run: unknown in the sum
+
+
+def test_the_table_has_a_cell_per_column():
+    row = {"pair": "qwen", "setting": "t1-k1", "decoder": "sampling", "ms_per_token": 1.5,
+           "graphs_alone_ms_per_token": 1.4, "loop_x_alone": 1.07, "draft_x_alone": None, "verify_x_alone": 1.07,
+           "profiled_ms_per_token": 1.6, "busy_share": 0.9}
+    header, rule, line = loop_profile.table([row]).splitlines()
+    assert header.count("|") == rule.count("|") == line.count("|")
+    assert "| 1.600 | 90% |" in line
+
+
+def test_the_timeline_profiles_the_loops_own_generations(monkeypatch):
+    """Each prompt's long and short generation with the loop's seed (prompt i: seed i), summed and
+    differenced, after one generation thrown away; tokens per call from the profiled runs."""
+    import types
+
+    import torch
+
+    calls = []
+
+    class Decoder:
+        def generate(self, prompt, length, generator):
+            calls.append((int(prompt[0, 0]), length, generator.initial_seed()))
+            # Two tokens per target call, as a decoder drafting one token that is always accepted.
+            return types.SimpleNamespace(tokens=torch.zeros(length), target_forwards=length // 2)
+
+    def fake_timeline(fn, host_ops=False):
+        fn()
+        prompt, length, _ = calls[-1]
+        return {"span_us": 10.0 * length + prompt, "busy_us": 8.0 * length, "idle_us": 2.0 * length + prompt,
+                "gaps_over_20us": 0, "activities": length, "host_blocked_us": 1.0,
+                "per_name_us": loop_profile.collections.Counter({"gemv": 8.0 * length})}
+
+    monkeypatch.setattr(loop_profile, "device_timeline", fake_timeline)
+    prompts = [torch.full((1, 3), p) for p in (7, 9)]
+    n, short = 16, loop_profile.SHORT
+    row = loop_profile.loop_timeline(Decoder(), prompts, n)
+    assert calls == [(7, short, 0), (7, n + short, 0), (9, n + short, 1), (7, short, 0), (9, short, 1)]
+    assert row["profiled_ms_per_token"] == pytest.approx(10.0 / 1e3)  # the prompts' constant cancels
+    assert row["busy_share"] == pytest.approx(0.8)
+    assert row["profiled_tokens_per_call"] == pytest.approx(2.0)
+    assert row["top_kernels_us_per_token"] == {"gemv": pytest.approx(8.0)}
