@@ -72,6 +72,10 @@ class GenerationSpec:
     # (Llama-family models, seconds), true everywhere, false never.
     cuda_graphs: bool = True
     compile_model: bool | None = None
+    # Sweep order: false runs each decoder's cells as one sweep, in the profile's order; true
+    # runs repeat r of every decoder as round r, the decoders' order reversed every other round
+    # (harness.runner.sweep_plan), so drift over the run falls on every decoder alike.
+    interleave: bool = False
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,8 @@ class Profile:
         for key in ("source", "scorer"):  # absent when unset: older profiles keep their fingerprints
             if data["prompts"][key] is None:
                 del data["prompts"][key]
+        if not data["generation"]["interleave"]:  # likewise
+            del data["generation"]["interleave"]
         # A decoder's own draft appears only when set: older profiles keep their fingerprints.
         data["decoders"] = [{k: v for k, v in asdict(d).items() if k != "draft" or v is not None}
                             for d in self.decoders]
@@ -130,7 +136,7 @@ _TYPES = {
         "source": (str, type(None)), "scorer": (str, type(None)),
     },
     GenerationSpec: {"max_new_tokens": int, "repeats": int, "warmup": int, "seed": int, "cuda_graphs": bool,
-                     "compile_model": (bool, type(None))},
+                     "compile_model": (bool, type(None)), "interleave": bool},
 }
 _MINIMUM = {"max_new_tokens": 1, "repeats": 1, "warmup": 0, "seed": 0, "limit": 1}
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -281,6 +287,9 @@ def parse_profile(raw: object, source: str = "<profile>", base_dir: str = ".") -
             problems.append(f"prompts.items[{bad[0]}]: every prompt must be a non-empty string")
         if prompts.get("file") and not (Path(base_dir) / prompts["file"]).is_file():
             problems.append(f"prompts.file: {Path(base_dir) / prompts['file']} does not exist")
+    if generation is not None and generation.get("interleave") and generation.get("repeats", 1) == 1:
+        warnings.append("generation.interleave changes nothing with repeats: 1 (rounds are repeats); "
+                        "set repeats to 2 or more")
     if problems:
         raise ProfileError(source, problems)
     return Profile(

@@ -242,17 +242,20 @@ def run_profile(
     gen = profile.generation
     cells = [(spec, i, p, r) for spec in profile.decoders for i, p in enumerate(prompts) for r in range(gen.repeats)]
     mine = [c for n, c in enumerate(cells) if ranks.owns(n) and (c[0].label, c[2].prompt_id, c[3]) not in done]
-    plan = [(spec, [(i, p, r) for s, i, p, r in mine if s.label == spec.label]) for spec in profile.decoders]
+    plan = sweep_plan(profile.decoders, mine, gen.interleave)
     eos = eos_ids(models)
     should_stop = stop_check(models.tokenizer, scorers.stop_strings(profile.prompts))
     with _progress() if show_progress and ranks.is_main else _NoProgress() as bar:
         task = bar.add_task("profile", total=len(mine), tps="-")
-        for k, (spec, todo) in enumerate(plan):
+        for k, spec, round_, todo in plan:
             if not todo:
                 continue
             tag = f"-r{ranks.rank}" if ranks.distributed else ""
-            earlier = {s for s in done_table.sweep[done_table.decoder_label == spec.label] if tag in s}
-            sweep = f"{k:02d}-{spec.label}{tag}-a{len(earlier)}"
+            name = f"{k:02d}-{spec.label}" + ("" if round_ is None else f"-round{round_}") + tag
+            # Attempts of this sweep before (a resumed run): each gets a name of its own.
+            earlier = {s for s in done_table.sweep[done_table.decoder_label == spec.label]
+                       if s.startswith(f"{name}-a")}
+            sweep = f"{name}-a{len(earlier)}"
             draft_spec = spec.draft_spec(profile.models)
             sweep_ctx = {**ctx, "draft_model": draft_spec} if spec.draft else ctx
             _run_sweep(spec, todo, sweep, models, drafts.get(draft_spec), prompts, gen, eos, should_stop, sweep_ctx,
@@ -264,6 +267,33 @@ def run_profile(
         record.finish()
     shutdown(ranks)
     return run_dir
+
+
+def sweep_plan(decoders, cells: list[tuple], interleave: bool) -> list[tuple]:
+    """The sweeps in the order they run: ``(decoder index, spec, round, cells)``, each cell
+    ``(prompt index, prompt, repeat)`` of ``cells`` ``(spec, prompt index, prompt, repeat)``.
+
+    By default each decoder's cells are one sweep (round ``None``), in the profile's order.
+    Interleaved, repeat r of every decoder is round r, one sweep per decoder, and the
+    decoders run in the profile's order in even rounds and in reverse in odd ones (ABC, CBA,
+    ABC, ...). Why: a run takes minutes to hours on a machine whose clocks, temperature and
+    neighbours drift, and the first sweep after loading runs on a colder device than the rest;
+    in one sweep per decoder all of that lands on whichever decoder runs first (the baseline,
+    in most profiles), while alternating rounds spread it over every decoder alike, and
+    mirrored pairs of rounds cancel a steady drift in each decoder's mean.
+    """
+    def cells_of(spec, round_=None):
+        return [(i, p, r) for s, i, p, r in cells if s.label == spec.label and (round_ is None or r == round_)]
+
+    if not interleave:
+        return [(k, spec, None, cells_of(spec)) for k, spec in enumerate(decoders)]
+    plan = []
+    for round_ in sorted({r for *_, r in cells}):
+        order = list(enumerate(decoders))
+        if round_ % 2:  # by the repeat's own number, so a resumed run keeps each round's order
+            order.reverse()
+        plan += [(k, spec, round_, cells_of(spec, round_)) for k, spec in order]
+    return plan
 
 
 def _decoder_drafts(profile: Profile, models) -> dict:

@@ -311,3 +311,86 @@ def test_warm_up_runs_on_the_longest_prompt(tmp_path, tiny_dirs, monkeypatch):
     lengths = trace.read_table(run_dir).sort_values("prompt_index").prompt_tokens.tolist()
     assert len(set(lengths)) == 3 and fed[2:] == lengths  # the three cells, in order
     assert fed[:2] == [max(lengths)] * 2  # both warm-up runs on the longest
+
+
+def _interleaving_profile(target_dir, draft_dir, interleave: bool, repeats: int = 3) -> dict:
+    return {
+        "name": "rounds",
+        "models": {"target": str(target_dir), "draft": str(draft_dir), "dtype": "float32", "device": "cpu"},
+        "prompts": {"items": ["Once upon a time", "The fox"], "chat_template": False},
+        "generation": {"max_new_tokens": 6, "repeats": repeats, "warmup": 0, "seed": 0, "interleave": interleave},
+        "decoders": [{"name": "sampling"}, {"name": "specdecode", "params": {"gamma": 2}}],
+    }
+
+
+def test_interleaved_rounds_alternate_the_decoders_and_decode_the_same_rows(tmp_path, tiny_dirs, monkeypatch):
+    """Interleaved, repeat r of every decoder is round r, the decoders' order reversed every other
+    round; each (decoder, round) is a sweep of its own, and every row equals the row the same
+    (decoder, prompt, repeat) gets in one sweep per decoder (its seed is the same)."""
+    from decoders.base import Decoder
+
+    ran = []
+    generate = Decoder.generate
+
+    def recording(self, *args, **kwargs):
+        ran.append(self.name)
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(Decoder, "generate", recording)
+    target_dir, draft_dir = tiny_dirs
+    interleaved = run_profile(parse_profile(_interleaving_profile(target_dir, draft_dir, True), "r.yaml"),
+                              tmp_path / "interleaved", show_progress=False)
+    two = ["sampling"] * 2, ["specdecode"] * 2  # two prompts a sweep
+    assert ran == [*two[0], *two[1], *two[1], *two[0], *two[0], *two[1]]
+    gens = trace.read_table(interleaved)
+    assert sorted(set(gens.sweep)) == sorted(f"{k:02d}-{label}-round{r}-a0" for k, label in enumerate(
+        ("sampling", "specdecode")) for r in range(3))
+    assert (gens.sweep.str.extract(r"round(\d)")[0].astype(int) == gens.repeat).all()
+    ran.clear()
+    plain = run_profile(parse_profile(_interleaving_profile(target_dir, draft_dir, False), "r.yaml"),
+                        tmp_path / "plain", show_progress=False)
+    assert ran == ["sampling"] * 6 + ["specdecode"] * 6
+    assert _rows_by_key(interleaved) == _rows_by_key(plain)
+
+
+def test_an_interrupted_interleaved_run_resumes_round_by_round(tmp_path, tiny_dirs, monkeypatch):
+    from decoders.base import Decoder
+
+    target_dir, draft_dir = tiny_dirs
+    profile = parse_profile(_interleaving_profile(target_dir, draft_dir, True), "r.yaml")
+    generate, calls = Decoder.generate, []
+
+    def failing(self, *args, **kwargs):  # the seventh generation fails: round 1, its second sweep
+        calls.append(self.name)
+        if len(calls) == 7:
+            raise RuntimeError("killed")
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(Decoder, "generate", failing)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_profile(profile, tmp_path / "run", show_progress=False)
+    partial = _rows_by_key(tmp_path / "run")
+    assert len(partial) == 6  # rounds 0 and round 1's first sweep (specdecode, the order reversed)
+    assert {key[0] for key in partial if key[2] == 1} == {"specdecode"}
+    monkeypatch.setattr(Decoder, "generate", generate)
+    run_profile(profile, tmp_path / "run", resume=True, show_progress=False)
+    gens = trace.read_table(tmp_path / "run")
+    assert len(gens) == 12 and not gens.duplicated(["decoder_label", "prompt_id", "repeat"]).any()
+    final = _rows_by_key(tmp_path / "run")
+    assert all(final[k] == v for k, v in partial.items())
+    fresh = run_profile(profile, tmp_path / "fresh", show_progress=False)
+    assert _rows_by_key(fresh) == final
+
+
+def test_interleave_is_validated_and_keeps_older_fingerprints(tiny_dirs):
+    target_dir, draft_dir = tiny_dirs
+    raw = _interleaving_profile(target_dir, draft_dir, False)
+    off = parse_profile(raw, "r.yaml")
+    del raw["generation"]["interleave"]
+    assert parse_profile(raw, "r.yaml").fingerprint() == off.fingerprint()  # absent when off
+    on = parse_profile(_interleaving_profile(target_dir, draft_dir, True), "r.yaml")
+    assert on.fingerprint() != off.fingerprint() and on.to_dict()["generation"]["interleave"] is True
+    with pytest.raises(ProfileError, match=r"generation.interleave: must be bool"):
+        parse_profile(_interleaving_profile(target_dir, draft_dir, "yes"), "r.yaml")
+    single = parse_profile(_interleaving_profile(target_dir, draft_dir, True, repeats=1), "r.yaml")
+    assert any("interleave changes nothing with repeats: 1" in w for w in single.warnings)
