@@ -1,7 +1,7 @@
 """Speed and energy of the decoders on one GPU, against transformers' own loops.
 
     python benchmarks/gpu_decoding.py [--sections pace,anchor,pair,energy] [--pairs smollm2,qwen]
-        [--prompts 8] [--anchor-prompts 3] [--new-tokens 128] [--repeats 3] [--no-energy] [--out PATH]
+        [--prompts 8] [--anchor-prompts 3] [--new-tokens 128] [--rounds 2] [--repeats 3] [--no-energy] [--out PATH]
 
 Everything is measured side by side in one process on one GPU, and reported as
 ratios (the machine is shared and noisy):
@@ -15,7 +15,10 @@ ratios (the machine is shared and noisy):
   sweep), the time by phase (draft / verify / accept / other), the warm-up
   (compile and capture) and each decoder's floor (its target and draft
   forwards at (weights + KV) bytes / the copy bandwidth measured in this
-  process); HF ``generate`` and HF assisted generation as the anchors.
+  process); HF ``generate`` and HF assisted generation as the anchors. Every
+  decoder's sweeps run ``--rounds`` times (2 by default), the order reversed every
+  other round, so that drift and the first place fall on every decoder alike; the
+  table sums the rounds and gives the lowest and highest round's ratio beside it.
 - ``anchor``: ``sampling`` (greedy) against HF ``generate`` (greedy) on a
   Llama-2-7B-shaped bf16 model with random weights, batch 1, 128-token prompt;
   ms/token of each, per whole call (prefill included) and per decode step
@@ -308,6 +311,7 @@ def bench_pace(args, name: str, bandwidth: float, meter, result: dict, save) -> 
     cfg = pair.draft.generation_config
     cfg.num_assistant_tokens, cfg.num_assistant_tokens_schedule, cfg.assistant_confidence_threshold = \
         4, "constant", 0.0
+    swept = []  # (setting, method, decoder, draft bytes, draft KV bytes a position, warm-up s)
     for setting, filt in SETTINGS.items():
         for method, params in METHODS.items():
             if method not in args.methods.split(","):
@@ -325,17 +329,23 @@ def bench_pace(args, name: str, bandwidth: float, meter, result: dict, save) -> 
                 dec.generate(max((p for b in prompts.values() for p in b), key=lambda p: p.shape[1]), n,
                              torch.Generator().manual_seed(0), eos)
             torch.cuda.synchronize()
-            warmup_s = time.perf_counter() - t0
+            swept.append((setting, method, dec, d_bytes, d_kv, time.perf_counter() - t0))
+    for round_ in range(args.rounds):
+        # Round 0 in the order above, round 1 in reverse, and so on: drift over the run and the
+        # first sweep's place fall on every decoder alike, not on sampling, which comes first
+        # (harness.runner.sweep_plan does the same for profiles).
+        for setting, method, dec, d_bytes, d_kv, warmup_s in (swept if round_ % 2 == 0 else swept[::-1]):
             for kind, batch in prompts.items():
-                row = _pace_sweep(dec, batch, n, eos, meter, f"{name}-{setting}-{method}-{kind}")
+                row = _pace_sweep(dec, batch, n, eos, meter, f"{name}-{setting}-{method}-{kind}-round{round_}")
                 calls, drafts, length = row.pop("target_calls"), row.pop("draft_calls"), row.pop("mean_length")
                 floor_s = (calls * (t_bytes + t_kv * length) + drafts * (d_bytes + d_kv * length)) / bandwidth
-                row.update(pair=name, setting=setting, decoder=method, prompts=kind, warmup_s=warmup_s,
+                row.update(pair=name, setting=setting, decoder=method, prompts=kind, round=round_, warmup_s=warmup_s,
                            floor_ms_per_token=1e3 * floor_s / row["tokens"],
                            x_floor=row["ms_per_token"] / (1e3 * floor_s / row["tokens"]))
                 result["rows"].append(row)
                 save()
                 print(_pace_line(row), flush=True)
+    for setting, filt in SETTINGS.items():  # the anchors after every round: HF's loops run eagerly
         for kind, batch in prompts.items():
             for anchor, kwargs in (("hf_generate", {}), ("hf_assisted", {"assistant_model": pair.draft})):
                 row = _hf_sweep(pair.target, batch[: args.anchor_prompts], n, eos, filt, kwargs)
@@ -405,24 +415,61 @@ def _pace_line(row: dict) -> str:
         extra = (f" {row['tokens_per_call']:.2f} tok/call, {row['x_floor']:.2f}x floor, warm-up {row['warmup_s']:.0f} s"
                  + (f", {row['j_per_token']:.3f} J/tok" if row.get("j_per_token") is not None else "")
                  + " | " + " ".join(f"{k} {row[f'{k}_ms_per_token']:.2f}" for k in PHASES))
-    return (f"{row['pair']:8s} {row['setting']:6s} {row['prompts']:4s} {row['decoder']:14s} "
+    where = f" round {row['round']}" if row.get("round") is not None else ""
+    return (f"{row['pair']:8s} {row['setting']:6s} {row['prompts']:4s} {row['decoder']:14s}{where} "
             f"{row['tokens_per_s']:7.1f} tok/s {row['ms_per_token']:6.2f} ms/tok{extra}")
 
 
+def combined_rounds(rows: list[dict]) -> list[dict]:
+    """Each (pair, setting, prompts, decoder)'s sweeps over its rounds as one row, in the order
+    they first ran: tokens, seconds, energy, target calls, phases and floor summed (so rates are
+    totals over totals), ``rounds`` how many, and ``round_ratios`` its tokens/s against
+    sampling's in the same round (the spread a ratio has between rounds)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["pair"], r["setting"], r["prompts"], r["decoder"]), []).append(r)
+    sampling = {(r["pair"], r["setting"], r["prompts"], r.get("round")): r for r in rows if r["decoder"] == "sampling"}
+    out = []
+    for group in groups.values():
+        tokens, seconds = sum(g["tokens"] for g in group), sum(g["seconds"] for g in group)
+        row = {**group[0], "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+               "ms_per_token": 1e3 * seconds / tokens, "rounds": len(group)}
+        for key in ("round", "draft_ms_per_call", "verify_ms_per_call"):  # one round's, not the total's
+            row.pop(key, None)
+        if "x_floor" in group[0]:
+            floor_ms = sum(g["floor_ms_per_token"] * g["tokens"] for g in group) / tokens
+            joules = [g.get("j_per_token") for g in group]
+            j_per_token = (None if None in joules  # a sweep without a window: no total
+                           else sum(j * g["tokens"] for j, g in zip(joules, group, strict=True)) / tokens)
+            row.update(tokens_per_call=tokens / sum(g["tokens"] / g["tokens_per_call"] for g in group),
+                       floor_ms_per_token=floor_ms, x_floor=row["ms_per_token"] / floor_ms,
+                       j_per_token=j_per_token,
+                       **{f"{k}_ms_per_token": sum(g[f"{k}_ms_per_token"] * g["tokens"] for g in group) / tokens
+                          for k in PHASES})
+        same_round = [(g, sampling.get((g["pair"], g["setting"], g["prompts"], g.get("round")))) for g in group]
+        row["round_ratios"] = [g["tokens_per_s"] / s["tokens_per_s"] for g, s in same_round if s is not None]
+        out.append(row)
+    return out
+
+
 def pace_table(pace: dict) -> str:
-    """Markdown: tokens/s and the ratio to sampling of the same pair, setting and prompts."""
+    """Markdown: tokens/s and the ratio to sampling of the same pair, setting and prompts, over all
+    rounds (with the lowest and highest round's ratio where there are several)."""
     lines = ["| pair | setting | prompts | decoder | tok/s | vs sampling | tokens/call | x floor | J/token | "
              "draft / verify / accept / other ms per token |", "|---|---|---|---|---|---|---|---|---|---|"]
     for result in pace.values():
-        rows = result["rows"]
+        rows = combined_rounds(result["rows"])
         base = {(r["setting"], r["prompts"]): r for r in rows if r["decoder"] == "sampling"}
         for r in rows:
             b = base[(r["setting"], r["prompts"])]
+            ratio = f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}x"
+            if len(r["round_ratios"]) > 1:
+                ratio += f" ({min(r['round_ratios']):.2f}-{max(r['round_ratios']):.2f})"
             phases = " / ".join(f"{r[f'{k}_ms_per_token']:.2f}" for k in PHASES) if "x_floor" in r else ""
             jpt = f"{r['j_per_token']:.3f}" if r.get("j_per_token") is not None else ""
             nan = float("nan")
             lines.append(f"| {r['pair']} | {r['setting']} | {r['prompts']} | {r['decoder']} | "
-                         f"{r['tokens_per_s']:.0f} | {r['tokens_per_s'] / b['tokens_per_s']:.2f}x | "
+                         f"{r['tokens_per_s']:.0f} | {ratio} | "
                          f"{r.get('tokens_per_call', nan):.2f} | {r.get('x_floor', nan):.2f} | {jpt} | {phases} |")
     return "\n".join(lines)
 
@@ -460,6 +507,8 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS), help="pace section: which decoders")
     ap.add_argument("--anchor-prompts", type=int, default=3, help="pace section: prompts per kind for HF's loops")
     ap.add_argument("--no-energy", action="store_true", help="pace section: no Zeus windows")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="pace section: rounds of every decoder's sweeps, the order reversed every other round")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per anchor variant (median)")

@@ -22,7 +22,8 @@
 #                filter), interleaved: whether greedy's loop runs slower than T=1's because greedy ran
 #                first in every earlier process or because of its in-graph argmax (random shapes)
 #   loop-real    as loop, on the real pairs (the carried models)
-#   pace         every decoder at its defaults on the SmolLM2 pair (eagle included), greedy and T=1
+#   pace         every decoder at its defaults on the SmolLM2 pair (eagle included), greedy and T=1, in two
+#                rounds, the second in reverse order (gpu_decoding.py --rounds)
 #   pace-eagle   the same for sampling, specdecode and eagle only
 #   pace-qwen    the same on the Qwen pair
 #   lm-eval-target  greedy sampling on the Qwen 1.5B alone (no draft needed: a shorter carry), HumanEval's
@@ -105,15 +106,15 @@ for s in $steps; do
     $py benchmarks/loop_profile.py --real --out "$out/loop-profile-real.json" 2>&1 | grep --line-buffered -v -i warn ;;
   pace)
     step "every decoder at its defaults, SmolLM2 pair, greedy and T=1, chat and code prompts, HF anchors"
-    $py benchmarks/gpu_decoding.py --sections pace --pairs smollm2 --prompts 6 --anchor-prompts 2 --new-tokens 128 \
+    $py benchmarks/gpu_decoding.py --sections pace --pairs smollm2 --prompts 4 --anchor-prompts 2 --new-tokens 128 \
       --out "$out/gpu-pace-smollm2.json" 2>&1 | grep --line-buffered -v -i warn ;;
   pace-eagle)
     step "sampling, specdecode and eagle on the SmolLM2 pair"
-    $py benchmarks/gpu_decoding.py --sections pace --pairs smollm2 --methods sampling,specdecode,eagle --prompts 6 \
+    $py benchmarks/gpu_decoding.py --sections pace --pairs smollm2 --methods sampling,specdecode,eagle --prompts 4 \
       --anchor-prompts 1 --new-tokens 128 --out "$out/gpu-pace-eagle.json" 2>&1 | grep --line-buffered -v -i warn ;;
   pace-qwen)
     step "every decoder at its defaults, Qwen pair"
-    $py benchmarks/gpu_decoding.py --sections pace --pairs qwen --prompts 6 --anchor-prompts 2 --new-tokens 128 \
+    $py benchmarks/gpu_decoding.py --sections pace --pairs qwen --prompts 4 --anchor-prompts 2 --new-tokens 128 \
       --out "$out/gpu-pace-qwen.json" 2>&1 | grep --line-buffered -v -i warn ;;
   lm-eval-target)
     crosscheck "greedy sampling on the Qwen 1.5B" sampling \
