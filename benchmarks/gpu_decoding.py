@@ -345,7 +345,7 @@ def bench_pace(args, name: str, bandwidth: float, meter, result: dict, save) -> 
                 result["rows"].append(row)
                 save()
                 print(_pace_line(row), flush=True)
-    for setting, filt in SETTINGS.items():  # the anchors after every round: HF's loops run eagerly
+    for setting, filt in SETTINGS.items():  # the anchors once, after all rounds: HF's loops run eagerly
         for kind, batch in prompts.items():
             for anchor, kwargs in (("hf_generate", {}), ("hf_assisted", {"assistant_model": pair.draft})):
                 row = _hf_sweep(pair.target, batch[: args.anchor_prompts], n, eos, filt, kwargs)
@@ -454,7 +454,8 @@ def combined_rounds(rows: list[dict]) -> list[dict]:
 
 def pace_table(pace: dict) -> str:
     """Markdown: tokens/s and the ratio to sampling of the same pair, setting and prompts, over all
-    rounds (with the lowest and highest round's ratio where there are several)."""
+    rounds (with the lowest and highest round's ratio, and the rounds, where there are several;
+    the HF anchors run once, after the rounds)."""
     lines = ["| pair | setting | prompts | decoder | tok/s | vs sampling | tokens/call | x floor | J/token | "
              "draft / verify / accept / other ms per token |", "|---|---|---|---|---|---|---|---|---|---|"]
     for result in pace.values():
@@ -463,8 +464,8 @@ def pace_table(pace: dict) -> str:
         for r in rows:
             b = base[(r["setting"], r["prompts"])]
             ratio = f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}x"
-            if len(r["round_ratios"]) > 1:
-                ratio += f" ({min(r['round_ratios']):.2f}-{max(r['round_ratios']):.2f})"
+            if len(r["round_ratios"]) > 1:  # and the rounds, which differ where a run was cut short
+                ratio += f" ({min(r['round_ratios']):.2f}-{max(r['round_ratios']):.2f}, {r['rounds']} rounds)"
             phases = " / ".join(f"{r[f'{k}_ms_per_token']:.2f}" for k in PHASES) if "x_floor" in r else ""
             jpt = f"{r['j_per_token']:.3f}" if r.get("j_per_token") is not None else ""
             nan = float("nan")

@@ -384,8 +384,9 @@ def profile_decoder(dec, models, prompts, n: int, clock: ClockSampler | None, wi
 
 def loop_timeline(dec, prompts: list[torch.Tensor], n: int, host_ops: bool = False) -> dict:
     """The device's timeline of the loop's own generations, per token: each prompt's ``n + SHORT``
-    and ``SHORT`` tokens with the loop's seeds (so the same tokens and acceptance; what differs
-    from the loop's figures is the profiler's cost), summed and differenced."""
+    and ``SHORT`` tokens with the loop's seeds (so the same tokens and acceptance), summed and
+    differenced. Its ms per token is the device activity's span under the profiler, the loop's
+    the host's wall time unprofiled: they differ by the profiler's cost and by the span's ends."""
     with torch.inference_mode():
         # One profiled generation thrown away first: the profiler's first session sets
         # itself up inside it, which would otherwise land in the long run only.
@@ -453,6 +454,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     methods = args.methods.split(",")
+    if args.timeline_prompts is not None and args.timeline_prompts < 1:
+        ap.error(f"--timeline-prompts: must be at least 1, got {args.timeline_prompts}")
     for what, given, known in (("--pairs", args.pairs, SHAPE_PAIRS), ("--methods", args.methods, METHODS),
                                ("--settings", args.settings, LOOP_SETTINGS)):
         unknown = set(given.split(",")) - set(known)

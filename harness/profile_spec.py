@@ -288,7 +288,7 @@ def parse_profile(raw: object, source: str = "<profile>", base_dir: str = ".") -
         if prompts.get("file") and not (Path(base_dir) / prompts["file"]).is_file():
             problems.append(f"prompts.file: {Path(base_dir) / prompts['file']} does not exist")
     if generation is not None and generation.get("interleave") and generation.get("repeats", 1) == 1:
-        warnings.append("generation.interleave changes nothing with repeats: 1 (rounds are repeats); "
+        warnings.append("generation.interleave alternates nothing with repeats: 1 (a round is a repeat); "
                         "set repeats to 2 or more")
     if problems:
         raise ProfileError(source, problems)

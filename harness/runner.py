@@ -1,7 +1,8 @@
 """``harness profile``: run decoders side by side and trace every generation.
 
 Data flows one way: profile -> runner -> decoder -> energy meter -> trace.
-Each decoder setting is one *sweep* over (prompt, repeat); a sweep is one
+Each decoder setting is one *sweep* over (prompt, repeat), or with
+``generation.interleave`` one sweep per repeat (``sweep_plan``); a sweep is one
 energy window. Rows are written as they finish; ``resume`` skips finished
 (decoder label, prompt, repeat) keys and runs the rest as a new sweep attempt.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -241,8 +243,11 @@ def run_profile(
     done = set(zip(done_table.decoder_label, done_table.prompt_id, done_table.repeat, strict=True))
     gen = profile.generation
     cells = [(spec, i, p, r) for spec in profile.decoders for i, p in enumerate(prompts) for r in range(gen.repeats)]
-    mine = [c for n, c in enumerate(cells) if ranks.owns(n) and (c[0].label, c[2].prompt_id, c[3]) not in done]
-    plan = sweep_plan(profile.decoders, mine, gen.interleave)
+    owned = [c for n, c in enumerate(cells) if ranks.owns(n)]
+    mine = [c for c in owned if (c[0].label, c[2].prompt_id, c[3]) not in done]
+    # Rounds ordered by their place among this rank's, finished ones included: each rank alternates,
+    # and a resumed run keeps every round's order.
+    plan = sweep_plan(profile.decoders, mine, gen.interleave, rounds=sorted({r for *_, r in owned}))
     eos = eos_ids(models)
     should_stop = stop_check(models.tokenizer, scorers.stop_strings(profile.prompts))
     with _progress() if show_progress and ranks.is_main else _NoProgress() as bar:
@@ -252,10 +257,7 @@ def run_profile(
                 continue
             tag = f"-r{ranks.rank}" if ranks.distributed else ""
             name = f"{k:02d}-{spec.label}" + ("" if round_ is None else f"-round{round_}") + tag
-            # Attempts of this sweep before (a resumed run): each gets a name of its own.
-            earlier = {s for s in done_table.sweep[done_table.decoder_label == spec.label]
-                       if s.startswith(f"{name}-a")}
-            sweep = f"{name}-a{len(earlier)}"
+            sweep = f"{name}-a{_next_attempt(name, done_table.sweep[done_table.decoder_label == spec.label])}"
             draft_spec = spec.draft_spec(profile.models)
             sweep_ctx = {**ctx, "draft_model": draft_spec} if spec.draft else ctx
             _run_sweep(spec, todo, sweep, models, drafts.get(draft_spec), prompts, gen, eos, should_stop, sweep_ctx,
@@ -269,28 +271,39 @@ def run_profile(
     return run_dir
 
 
-def sweep_plan(decoders, cells: list[tuple], interleave: bool) -> list[tuple]:
+def _next_attempt(name: str, sweeps) -> int:
+    """The attempt number of sweep ``name``'s next attempt: one past the highest among ``sweeps``
+    (the finished rows' sweep names; a recovered part counts as its attempt), so a name already on
+    disk is never reused, whatever gaps earlier attempts left."""
+    pattern = re.compile(rf"{re.escape(name)}-a(\d+)(-recovered)?")
+    numbers = [int(m.group(1)) for s in set(sweeps) if (m := pattern.fullmatch(s))]
+    return max(numbers, default=-1) + 1
+
+
+def sweep_plan(decoders, cells: list[tuple], interleave: bool, rounds: list[int] | None = None) -> list[tuple]:
     """The sweeps in the order they run: ``(decoder index, spec, round, cells)``, each cell
     ``(prompt index, prompt, repeat)`` of ``cells`` ``(spec, prompt index, prompt, repeat)``.
 
     By default each decoder's cells are one sweep (round ``None``), in the profile's order.
-    Interleaved, repeat r of every decoder is round r, one sweep per decoder, and the
-    decoders run in the profile's order in even rounds and in reverse in odd ones (ABC, CBA,
-    ABC, ...). Why: a run takes minutes to hours on a machine whose clocks, temperature and
-    neighbours drift, and the first sweep after loading runs on a colder device than the rest;
-    in one sweep per decoder all of that lands on whichever decoder runs first (the baseline,
-    in most profiles), while alternating rounds spread it over every decoder alike, and
-    mirrored pairs of rounds cancel a steady drift in each decoder's mean.
+    Interleaved, repeat r of every decoder is round r, one sweep per decoder, and the decoders run
+    in the profile's order in the first of ``rounds`` (all the repeats this process owns, finished
+    or not; by default those in ``cells``), in reverse in the second, and so on (ABC, CBA, ABC,
+    ...). Why: a run takes minutes to hours on a machine whose clocks, temperature and neighbours
+    drift, and the first sweep after loading runs on a colder device than the rest; in one sweep per
+    decoder all of that lands on whichever decoder runs first (the baseline, in most profiles),
+    while alternating rounds spread it over every decoder alike, and mirrored pairs of rounds cancel
+    a steady drift in each decoder's mean.
     """
     def cells_of(spec, round_=None):
         return [(i, p, r) for s, i, p, r in cells if s.label == spec.label and (round_ is None or r == round_)]
 
     if not interleave:
         return [(k, spec, None, cells_of(spec)) for k, spec in enumerate(decoders)]
+    rounds = sorted({r for *_, r in cells}) if rounds is None else rounds
     plan = []
-    for round_ in sorted({r for *_, r in cells}):
+    for place, round_ in enumerate(rounds):
         order = list(enumerate(decoders))
-        if round_ % 2:  # by the repeat's own number, so a resumed run keeps each round's order
+        if place % 2:
             order.reverse()
         plan += [(k, spec, round_, cells_of(spec, round_)) for k, spec in order]
     return plan

@@ -36,7 +36,7 @@ def test_rounds_are_summed_and_each_rounds_ratio_is_against_sampling_in_that_rou
     assert sd["round_ratios"] == pytest.approx([2.0, 1.0])
     assert combined["hf_generate"]["round_ratios"] == []  # the anchors run once, after the rounds
     table = gpu_decoding.pace_table({"qwen": {"rows": rows}})
-    assert "| qwen | greedy | code | specdecode | 100 | 1.50x (1.00-2.00) |" in table
+    assert "| qwen | greedy | code | specdecode | 100 | 1.50x (1.00-2.00, 2 rounds) |" in table
     assert "| qwen | greedy | code | hf_generate | 10 | 0.15x |" in table  # against 200 tokens in 3 s
 
 

@@ -360,9 +360,9 @@ def test_an_interrupted_interleaved_run_resumes_round_by_round(tmp_path, tiny_di
     profile = parse_profile(_interleaving_profile(target_dir, draft_dir, True), "r.yaml")
     generate, calls = Decoder.generate, []
 
-    def failing(self, *args, **kwargs):  # the seventh generation fails: round 1, its second sweep
+    def failing(self, *args, **kwargs):  # the eighth generation fails: round 1's second sweep, its second cell
         calls.append(self.name)
-        if len(calls) == 7:
+        if len(calls) == 8:
             raise RuntimeError("killed")
         return generate(self, *args, **kwargs)
 
@@ -376,6 +376,10 @@ def test_an_interrupted_interleaved_run_resumes_round_by_round(tmp_path, tiny_di
     run_profile(profile, tmp_path / "run", resume=True, show_progress=False)
     gens = trace.read_table(tmp_path / "run")
     assert len(gens) == 12 and not gens.duplicated(["decoder_label", "prompt_id", "repeat"]).any()
+    # The cell the interrupted sweep journaled is recovered under its name; the other runs in a
+    # new attempt of the same (decoder, round).
+    resumed = gens[(gens.decoder_label == "sampling") & (gens.repeat == 1)]
+    assert sorted(resumed.sweep) == ["00-sampling-round1-a0", "00-sampling-round1-a0-recovered"]
     final = _rows_by_key(tmp_path / "run")
     assert all(final[k] == v for k, v in partial.items())
     fresh = run_profile(profile, tmp_path / "fresh", show_progress=False)
@@ -393,4 +397,30 @@ def test_interleave_is_validated_and_keeps_older_fingerprints(tiny_dirs):
     with pytest.raises(ProfileError, match=r"generation.interleave: must be bool"):
         parse_profile(_interleaving_profile(target_dir, draft_dir, "yes"), "r.yaml")
     single = parse_profile(_interleaving_profile(target_dir, draft_dir, True, repeats=1), "r.yaml")
-    assert any("interleave changes nothing with repeats: 1" in w for w in single.warnings)
+    assert any("interleave alternates nothing with repeats: 1" in w for w in single.warnings)
+
+
+def test_each_process_alternates_its_own_rounds():
+    """Under torchrun a rank may own every other repeat (cell n goes to rank n % world size, the
+    repeat fastest): the order alternates over the rounds it owns, not by the repeat's number."""
+    from harness.runner import sweep_plan
+
+    a, b = (parse_profile({"models": {"target": "t"}, "prompts": {"items": ["x"]},
+                           "decoders": [{"name": "sampling", "label": label}]}, "p.yaml").decoders[0]
+            for label in ("a", "b"))
+    owned = [(spec, 0, "x", r) for spec in (a, b) for r in (1, 3, 5)]  # rank 1 of 2, six repeats
+    plan = sweep_plan((a, b), owned, True, rounds=[1, 3, 5])
+    assert [(spec.label, round_) for _, spec, round_, _ in plan] == [
+        ("a", 1), ("b", 1), ("b", 3), ("a", 3), ("a", 5), ("b", 5)]
+    # Resumed with round 1 finished: round 3 still runs second, reversed.
+    plan = sweep_plan((a, b), owned[1:3] + owned[4:], True, rounds=[1, 3, 5])
+    assert [(spec.label, round_) for _, spec, round_, cells in plan if cells] == [
+        ("b", 3), ("a", 3), ("a", 5), ("b", 5)]
+
+
+def test_a_sweeps_next_attempt_is_past_every_earlier_one():
+    from harness.runner import _next_attempt
+
+    earlier = ["00-sd-round1-a0", "00-sd-round1-a2-recovered", "00-sd-round10-a7", "00-sd-round1-r1-a9", "x"]
+    assert _next_attempt("00-sd-round1", earlier) == 3  # a gap (a1) is not reused
+    assert _next_attempt("00-sd-round2", earlier) == 0
