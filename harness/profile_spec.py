@@ -72,10 +72,11 @@ class GenerationSpec:
     # (Llama-family models, seconds), true everywhere, false never.
     cuda_graphs: bool = True
     compile_model: bool | None = None
-    # Sweep order: false runs each decoder's cells as one sweep, in the profile's order; true
-    # runs repeat r of every decoder as round r, the decoders' order reversed every other round
-    # (harness.runner.sweep_plan), so drift over the run falls on every decoder alike.
-    interleave: bool = False
+    # Sweep order: 1 runs each decoder's cells as one sweep, in the profile's order; N > 1 deals
+    # every decoder's (prompt, repeat) cells out to N rounds, each round a sweep per decoder, the
+    # decoders' order reversed every other round (harness.runner.sweep_plan), so drift over the
+    # run falls on every decoder alike.
+    rounds: int = 1
 
 
 @dataclass(frozen=True)
@@ -109,8 +110,8 @@ class Profile:
         for key in ("source", "scorer"):  # absent when unset: older profiles keep their fingerprints
             if data["prompts"][key] is None:
                 del data["prompts"][key]
-        if not data["generation"]["interleave"]:  # likewise
-            del data["generation"]["interleave"]
+        if data["generation"]["rounds"] == 1:  # likewise
+            del data["generation"]["rounds"]
         # A decoder's own draft appears only when set: older profiles keep their fingerprints.
         data["decoders"] = [{k: v for k, v in asdict(d).items() if k != "draft" or v is not None}
                             for d in self.decoders]
@@ -136,9 +137,9 @@ _TYPES = {
         "source": (str, type(None)), "scorer": (str, type(None)),
     },
     GenerationSpec: {"max_new_tokens": int, "repeats": int, "warmup": int, "seed": int, "cuda_graphs": bool,
-                     "compile_model": (bool, type(None)), "interleave": bool},
+                     "compile_model": (bool, type(None)), "rounds": int},
 }
-_MINIMUM = {"max_new_tokens": 1, "repeats": 1, "warmup": 0, "seed": 0, "limit": 1}
+_MINIMUM = {"max_new_tokens": 1, "repeats": 1, "warmup": 0, "seed": 0, "limit": 1, "rounds": 1}
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -287,9 +288,6 @@ def parse_profile(raw: object, source: str = "<profile>", base_dir: str = ".") -
             problems.append(f"prompts.items[{bad[0]}]: every prompt must be a non-empty string")
         if prompts.get("file") and not (Path(base_dir) / prompts["file"]).is_file():
             problems.append(f"prompts.file: {Path(base_dir) / prompts['file']} does not exist")
-    if generation is not None and generation.get("interleave") and generation.get("repeats", 1) == 1:
-        warnings.append("generation.interleave alternates nothing with repeats: 1 (a round is a repeat); "
-                        "set repeats to 2 or more")
     if problems:
         raise ProfileError(source, problems)
     return Profile(

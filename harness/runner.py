@@ -2,8 +2,8 @@
 
 Data flows one way: profile -> runner -> decoder -> energy meter -> trace.
 Each decoder setting is one *sweep* over (prompt, repeat), or with
-``generation.interleave`` one sweep per repeat (``sweep_plan``); a sweep is one
-energy window. Rows are written as they finish; ``resume`` skips finished
+``generation.rounds`` one sweep per round of its cells (``sweep_plan``); a sweep
+is one energy window. Rows are written as they finish; ``resume`` skips finished
 (decoder label, prompt, repeat) keys and runs the rest as a new sweep attempt.
 """
 
@@ -247,7 +247,8 @@ def run_profile(
     mine = [c for c in owned if (c[0].label, c[2].prompt_id, c[3]) not in done]
     # Rounds ordered by their place among this rank's, finished ones included: each rank alternates,
     # and a resumed run keeps every round's order.
-    plan = sweep_plan(profile.decoders, mine, gen.interleave, rounds=sorted({r for *_, r in owned}))
+    plan = sweep_plan(profile.decoders, mine, gen.rounds, gen.repeats,
+                      owned_rounds=sorted({round_of(i, r, gen.repeats, gen.rounds) for _, i, _, r in owned}))
     eos = eos_ids(models)
     should_stop = stop_check(models.tokenizer, scorers.stop_strings(profile.prompts))
     with _progress() if show_progress and ranks.is_main else _NoProgress() as bar:
@@ -280,32 +281,42 @@ def _next_attempt(name: str, sweeps) -> int:
     return max(numbers, default=-1) + 1
 
 
-def sweep_plan(decoders, cells: list[tuple], interleave: bool, rounds: list[int] | None = None) -> list[tuple]:
+def round_of(prompt_index: int, repeat: int, repeats: int, rounds: int) -> int:
+    """The round of a decoder's cell: its cells, in order (each prompt's repeats, prompt after
+    prompt), dealt out to ``rounds`` rounds in turn. With as many rounds as repeats, round r is
+    repeat r; with one repeat, the prompts are dealt out, so every round holds a mix of them."""
+    return (prompt_index * repeats + repeat) % rounds
+
+
+def sweep_plan(decoders, cells: list[tuple], rounds: int, repeats: int,
+               owned_rounds: list[int] | None = None) -> list[tuple]:
     """The sweeps in the order they run: ``(decoder index, spec, round, cells)``, each cell
     ``(prompt index, prompt, repeat)`` of ``cells`` ``(spec, prompt index, prompt, repeat)``.
 
-    By default each decoder's cells are one sweep (round ``None``), in the profile's order.
-    Interleaved, repeat r of every decoder is round r, one sweep per decoder, and the decoders run
-    in the profile's order in the first of ``rounds`` (all the repeats this process owns, finished
-    or not; by default those in ``cells``), in reverse in the second, and so on (ABC, CBA, ABC,
-    ...). Why: a run takes minutes to hours on a machine whose clocks, temperature and neighbours
-    drift, and the first sweep after loading runs on a colder device than the rest; in one sweep per
-    decoder all of that lands on whichever decoder runs first (the baseline, in most profiles),
-    while alternating rounds spread it over every decoder alike, and mirrored pairs of rounds cancel
-    a steady drift in each decoder's mean.
+    With one round, each decoder's cells are one sweep (round ``None``), in the profile's order.
+    With more, every decoder's cells are dealt out to the rounds (``round_of``), one sweep per
+    decoder and round, and the decoders run in the profile's order in the first of
+    ``owned_rounds`` (the rounds this process has cells in, finished or not; by default those of
+    ``cells``), in reverse in the second, and so on (ABC, CBA, ABC, ...). Why: a run takes minutes
+    to hours on a machine whose clocks, temperature and neighbours drift, and the first sweep after
+    loading meets a colder device than the rest; in one sweep per decoder all of that lands on
+    whichever decoder runs first (the baseline, in most profiles), while alternating rounds spread
+    it over every decoder alike, and mirrored pairs of rounds cancel a steady drift in each
+    decoder's mean.
     """
-    def cells_of(spec, round_=None):
-        return [(i, p, r) for s, i, p, r in cells if s.label == spec.label and (round_ is None or r == round_)]
-
-    if not interleave:
-        return [(k, spec, None, cells_of(spec)) for k, spec in enumerate(decoders)]
-    rounds = sorted({r for *_, r in cells}) if rounds is None else rounds
+    if rounds == 1:
+        return [(k, spec, None, [(i, p, r) for s, i, p, r in cells if s.label == spec.label])
+                for k, spec in enumerate(decoders)]
+    if owned_rounds is None:
+        owned_rounds = sorted({round_of(i, r, repeats, rounds) for _, i, _, r in cells})
     plan = []
-    for place, round_ in enumerate(rounds):
+    for place, round_ in enumerate(owned_rounds):
         order = list(enumerate(decoders))
         if place % 2:
             order.reverse()
-        plan += [(k, spec, round_, cells_of(spec, round_)) for k, spec in order]
+        plan += [(k, spec, round_, [(i, p, r) for s, i, p, r in cells
+                                    if s.label == spec.label and round_of(i, r, repeats, rounds) == round_])
+                 for k, spec in order]
     return plan
 
 

@@ -313,20 +313,20 @@ def test_warm_up_runs_on_the_longest_prompt(tmp_path, tiny_dirs, monkeypatch):
     assert fed[:2] == [max(lengths)] * 2  # both warm-up runs on the longest
 
 
-def _interleaving_profile(target_dir, draft_dir, interleave: bool, repeats: int = 3) -> dict:
+def _rounds_profile(target_dir, draft_dir, rounds, repeats: int = 3, items=("Once upon a time", "The fox")) -> dict:
     return {
         "name": "rounds",
         "models": {"target": str(target_dir), "draft": str(draft_dir), "dtype": "float32", "device": "cpu"},
-        "prompts": {"items": ["Once upon a time", "The fox"], "chat_template": False},
-        "generation": {"max_new_tokens": 6, "repeats": repeats, "warmup": 0, "seed": 0, "interleave": interleave},
+        "prompts": {"items": list(items), "chat_template": False},
+        "generation": {"max_new_tokens": 6, "repeats": repeats, "warmup": 0, "seed": 0, "rounds": rounds},
         "decoders": [{"name": "sampling"}, {"name": "specdecode", "params": {"gamma": 2}}],
     }
 
 
-def test_interleaved_rounds_alternate_the_decoders_and_decode_the_same_rows(tmp_path, tiny_dirs, monkeypatch):
-    """Interleaved, repeat r of every decoder is round r, the decoders' order reversed every other
-    round; each (decoder, round) is a sweep of its own, and every row equals the row the same
-    (decoder, prompt, repeat) gets in one sweep per decoder (its seed is the same)."""
+def test_rounds_alternate_the_decoders_and_decode_the_same_rows(tmp_path, tiny_dirs, monkeypatch):
+    """With as many rounds as repeats, repeat r of every decoder is round r, the decoders' order
+    reversed every other round; each (decoder, round) is a sweep of its own, and every row equals
+    the row the same (decoder, prompt, repeat) gets in one sweep per decoder (its seed is the same)."""
     from decoders.base import Decoder
 
     ran = []
@@ -338,26 +338,26 @@ def test_interleaved_rounds_alternate_the_decoders_and_decode_the_same_rows(tmp_
 
     monkeypatch.setattr(Decoder, "generate", recording)
     target_dir, draft_dir = tiny_dirs
-    interleaved = run_profile(parse_profile(_interleaving_profile(target_dir, draft_dir, True), "r.yaml"),
-                              tmp_path / "interleaved", show_progress=False)
+    in_rounds = run_profile(parse_profile(_rounds_profile(target_dir, draft_dir, 3), "r.yaml"),
+                            tmp_path / "in-rounds", show_progress=False)
     two = ["sampling"] * 2, ["specdecode"] * 2  # two prompts a sweep
     assert ran == [*two[0], *two[1], *two[1], *two[0], *two[0], *two[1]]
-    gens = trace.read_table(interleaved)
+    gens = trace.read_table(in_rounds)
     assert sorted(set(gens.sweep)) == sorted(f"{k:02d}-{label}-round{r}-a0" for k, label in enumerate(
         ("sampling", "specdecode")) for r in range(3))
     assert (gens.sweep.str.extract(r"round(\d)")[0].astype(int) == gens.repeat).all()
     ran.clear()
-    plain = run_profile(parse_profile(_interleaving_profile(target_dir, draft_dir, False), "r.yaml"),
+    plain = run_profile(parse_profile(_rounds_profile(target_dir, draft_dir, 1), "r.yaml"),
                         tmp_path / "plain", show_progress=False)
     assert ran == ["sampling"] * 6 + ["specdecode"] * 6
-    assert _rows_by_key(interleaved) == _rows_by_key(plain)
+    assert _rows_by_key(in_rounds) == _rows_by_key(plain)
 
 
-def test_an_interrupted_interleaved_run_resumes_round_by_round(tmp_path, tiny_dirs, monkeypatch):
+def test_an_interrupted_run_in_rounds_resumes_round_by_round(tmp_path, tiny_dirs, monkeypatch):
     from decoders.base import Decoder
 
     target_dir, draft_dir = tiny_dirs
-    profile = parse_profile(_interleaving_profile(target_dir, draft_dir, True), "r.yaml")
+    profile = parse_profile(_rounds_profile(target_dir, draft_dir, 3), "r.yaml")
     generate, calls = Decoder.generate, []
 
     def failing(self, *args, **kwargs):  # the eighth generation fails: round 1's second sweep, its second cell
@@ -386,18 +386,29 @@ def test_an_interrupted_interleaved_run_resumes_round_by_round(tmp_path, tiny_di
     assert _rows_by_key(fresh) == final
 
 
-def test_interleave_is_validated_and_keeps_older_fingerprints(tiny_dirs):
+def test_with_one_repeat_the_prompts_are_dealt_out_to_the_rounds(tmp_path, tiny_dirs):
     target_dir, draft_dir = tiny_dirs
-    raw = _interleaving_profile(target_dir, draft_dir, False)
-    off = parse_profile(raw, "r.yaml")
-    del raw["generation"]["interleave"]
-    assert parse_profile(raw, "r.yaml").fingerprint() == off.fingerprint()  # absent when off
-    on = parse_profile(_interleaving_profile(target_dir, draft_dir, True), "r.yaml")
-    assert on.fingerprint() != off.fingerprint() and on.to_dict()["generation"]["interleave"] is True
-    with pytest.raises(ProfileError, match=r"generation.interleave: must be bool"):
-        parse_profile(_interleaving_profile(target_dir, draft_dir, "yes"), "r.yaml")
-    single = parse_profile(_interleaving_profile(target_dir, draft_dir, True, repeats=1), "r.yaml")
-    assert any("interleave alternates nothing with repeats: 1" in w for w in single.warnings)
+    items = ("Once upon a time", "The fox", "A cat sat", "In the year")
+    run = run_profile(parse_profile(_rounds_profile(target_dir, draft_dir, 2, repeats=1, items=items), "r.yaml"),
+                      tmp_path / "run", show_progress=False)
+    gens = trace.read_table(run)
+    by_sweep = gens.groupby("sweep").prompt_index.apply(sorted).to_dict()
+    assert by_sweep == {"00-sampling-round0-a0": [0, 2], "01-specdecode-round0-a0": [0, 2],
+                        "00-sampling-round1-a0": [1, 3], "01-specdecode-round1-a0": [1, 3]}
+
+
+def test_rounds_are_validated_and_keep_older_fingerprints(tiny_dirs):
+    target_dir, draft_dir = tiny_dirs
+    raw = _rounds_profile(target_dir, draft_dir, 1)
+    one = parse_profile(raw, "r.yaml")
+    del raw["generation"]["rounds"]
+    assert parse_profile(raw, "r.yaml").fingerprint() == one.fingerprint()  # absent when 1
+    three = parse_profile(_rounds_profile(target_dir, draft_dir, 3), "r.yaml")
+    assert three.fingerprint() != one.fingerprint() and three.to_dict()["generation"]["rounds"] == 3
+    with pytest.raises(ProfileError, match=r"generation.rounds: must be int"):
+        parse_profile(_rounds_profile(target_dir, draft_dir, True), "r.yaml")
+    with pytest.raises(ProfileError, match=r"generation.rounds: must be >= 1, got 0"):
+        parse_profile(_rounds_profile(target_dir, draft_dir, 0), "r.yaml")
 
 
 def test_each_process_alternates_its_own_rounds():
@@ -409,11 +420,11 @@ def test_each_process_alternates_its_own_rounds():
                            "decoders": [{"name": "sampling", "label": label}]}, "p.yaml").decoders[0]
             for label in ("a", "b"))
     owned = [(spec, 0, "x", r) for spec in (a, b) for r in (1, 3, 5)]  # rank 1 of 2, six repeats
-    plan = sweep_plan((a, b), owned, True, rounds=[1, 3, 5])
+    plan = sweep_plan((a, b), owned, 6, 6, owned_rounds=[1, 3, 5])
     assert [(spec.label, round_) for _, spec, round_, _ in plan] == [
         ("a", 1), ("b", 1), ("b", 3), ("a", 3), ("a", 5), ("b", 5)]
     # Resumed with round 1 finished: round 3 still runs second, reversed.
-    plan = sweep_plan((a, b), owned[1:3] + owned[4:], True, rounds=[1, 3, 5])
+    plan = sweep_plan((a, b), owned[1:3] + owned[4:], 6, 6, owned_rounds=[1, 3, 5])
     assert [(spec.label, round_) for _, spec, round_, cells in plan if cells] == [
         ("b", 3), ("a", 3), ("a", 5), ("b", 5)]
 
