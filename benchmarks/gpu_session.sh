@@ -89,7 +89,7 @@ for s in $steps; do
     done ;;
   loop)
     step "each decoder's loop against its graphs alone, random-weight shapes of both pairs"
-    $py benchmarks/loop_profile.py --out "$out/loop-profile.json" 2>&1 | grep --line-buffered -v -i warn ;;
+    $py benchmarks/loop_profile.py --timeline-prompts 2 --out "$out/loop-profile.json" 2>&1 | grep --line-buffered -v -i warn ;;
   targets)
     step "a one-token step against its floor, and the sampling loop, per model shape"
     $py benchmarks/step_profile.py --tokens 1 --models qwen2.5-1.5b,smollm2-135m,llama2-7b --variants default \
@@ -103,7 +103,7 @@ for s in $steps; do
       --prompts 2 --no-clock --out "$out/loop-profile-greedy-order.json" 2>&1 | grep --line-buffered -v -i warn ;;
   loop-real)
     step "each decoder's loop against its graphs alone, the real pairs"
-    $py benchmarks/loop_profile.py --real --out "$out/loop-profile-real.json" 2>&1 | grep --line-buffered -v -i warn ;;
+    $py benchmarks/loop_profile.py --real --timeline-prompts 2 --out "$out/loop-profile-real.json" 2>&1 | grep --line-buffered -v -i warn ;;
   pace)
     step "every decoder at its defaults, SmolLM2 pair, greedy and T=1, chat and code prompts, HF anchors"
     $py benchmarks/gpu_decoding.py --sections pace --pairs smollm2 --prompts 4 --anchor-prompts 2 --new-tokens 128 \
