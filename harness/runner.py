@@ -304,19 +304,20 @@ def sweep_plan(decoders, cells: list[tuple], rounds: int, repeats: int,
     it over every decoder alike, and mirrored pairs of rounds cancel a steady drift in each
     decoder's mean.
     """
+    by_sweep: dict[tuple, list] = {}  # (label, round): its cells, in order
+    for spec, i, p, r in cells:
+        round_ = None if rounds == 1 else round_of(i, r, repeats, rounds)
+        by_sweep.setdefault((spec.label, round_), []).append((i, p, r))
     if rounds == 1:
-        return [(k, spec, None, [(i, p, r) for s, i, p, r in cells if s.label == spec.label])
-                for k, spec in enumerate(decoders)]
+        return [(k, spec, None, by_sweep.get((spec.label, None), [])) for k, spec in enumerate(decoders)]
     if owned_rounds is None:
-        owned_rounds = sorted({round_of(i, r, repeats, rounds) for _, i, _, r in cells})
+        owned_rounds = sorted({round_ for _, round_ in by_sweep})
     plan = []
     for place, round_ in enumerate(owned_rounds):
         order = list(enumerate(decoders))
         if place % 2:
             order.reverse()
-        plan += [(k, spec, round_, [(i, p, r) for s, i, p, r in cells
-                                    if s.label == spec.label and round_of(i, r, repeats, rounds) == round_])
-                 for k, spec in order]
+        plan += [(k, spec, round_, by_sweep.get((spec.label, round_), [])) for k, spec in order]
     return plan
 
 
